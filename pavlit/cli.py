@@ -1,0 +1,284 @@
+"""The ``pavlit`` command.
+
+``pavlit fit|validate|test|predict`` are LightningCLI subcommands over any LightningModule and
+LightningDataModule (:class:`PavlitCLI`); the other commands are plain functions of ``argv``. A command is
+one entry in :data:`COMMANDS`, and its docstring's first line is its line in ``pavlit --help``.
+
+Lightning takes seconds to import, so this module imports it only when a Lightning subcommand runs (or when
+:class:`PavlitCLI` is first used): ``pavlit --help`` and ``pavlit plugins`` do not pay for it.
+
+Run folders: unless ``--trainer.default_root_dir`` is given, every Lightning run writes its logs,
+checkpoints and resolved ``config.yaml`` into ``runs/<command>/<timestamp>`` (or ``$PAVLIT_RUN_DIR``),
+never into the working directory, where saving the config could overwrite an input file of that name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pavlit
+from pavlit import registry
+from pavlit.interfaces import INTERFACES
+
+# PavlitCLI and RunFolderSaveConfigCallback are built on first access by the module __getattr__ below.
+__all__ = ["COMMANDS", "PavlitCLI", "RunFolderSaveConfigCallback", "default_run_dir", "main", "plugins_command"]  # noqa: F822
+
+Command = Callable[[list[str]], "int | None"]
+
+RUN_DIR_ENV = "PAVLIT_RUN_DIR"
+RUNS_ROOT = "runs"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``pavlit <command> [options]``.
+
+    Args:
+        argv: The arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status (LightningCLI and argparse exit through ``SystemExit`` on ``--help`` and bad arguments).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print(_usage(), file=sys.stderr)
+        return 2
+    if args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if args[0] == "--version":
+        print(f"pavlit {pavlit.__version__}")
+        return 0
+    command = COMMANDS.get(args[0])
+    if command is None:
+        close = difflib.get_close_matches(args[0], COMMANDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"pavlit: error: unknown command {args[0]!r}{hint}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return command(args[1:]) or 0
+
+
+def plugins_command(argv: list[str]) -> int:
+    """List every registered plugin (kind, name, target, distribution) without importing any."""
+    parser = argparse.ArgumentParser(prog="pavlit plugins", description=plugins_command.__doc__)
+    kinds = [*INTERFACES, *(group.removeprefix("pavlit.") for group in INTERFACES)]
+    parser.add_argument("--kind", choices=kinds, help="only this entry-point group")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    options = parser.parse_args(argv)
+    try:
+        plugins = registry.list_plugins(options.kind)
+    except registry.PluginError as err:
+        print(f"pavlit plugins: error: {err}", file=sys.stderr)
+        return 1
+    if options.json:
+        rows = [
+            {
+                "kind": p.kind,
+                "name": p.name,
+                "target": p.target,
+                "distribution": p.distribution,
+                "version": p.version,
+                "builtin": p.builtin,
+            }
+            for p in plugins
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [("KIND", "NAME", "TARGET", "DISTRIBUTION")]
+    table += [(p.kind, p.name, p.target, p.origin) for p in plugins]
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    if not plugins:
+        print("(no plugins registered)", file=sys.stderr)
+    if not registry.autoload_enabled():
+        print(
+            f"{registry.AUTOLOAD_ENV} is set: only pavlit's own plugins load automatically; "
+            "the others load only when named",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def run_lightning(subcommand: str, argv: list[str]) -> int:
+    """Run one LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``) through :class:`PavlitCLI`."""
+    args = [subcommand, *argv]
+    try:
+        # Given the process's own command line, LightningCLI reads sys.argv itself (and does not warn that
+        # both were given).
+        cli_class = _lightning_classes()["PavlitCLI"]
+        cli_class(args=None if args == sys.argv[1:] else args, parser_kwargs={"prog": "pavlit"})
+    except registry.PluginError as err:
+        print(f"pavlit {subcommand}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _lightning_command(subcommand: str, summary: str) -> Command:
+    def command(argv: list[str]) -> int:
+        return run_lightning(subcommand, argv)
+
+    command.__doc__ = summary
+    command.__name__ = command.__qualname__ = f"{subcommand}_command"
+    return command
+
+
+COMMANDS: dict[str, Command] = {
+    "fit": _lightning_command("fit", "Train a LightningModule on a LightningDataModule from a YAML config."),
+    "validate": _lightning_command("validate", "Run one evaluation epoch on the validation split."),
+    "test": _lightning_command("test", "Run one evaluation epoch on the test split."),
+    "predict": _lightning_command("predict", "Run inference on the predict split."),
+    "plugins": plugins_command,
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [(command.__doc__ or "").strip().splitlines()[0] for command in COMMANDS.values()]
+    listing = "\n".join(f"  {name.ljust(width)}  {line}" for name, line in zip(COMMANDS, lines))
+    return (
+        "usage: pavlit <command> [options]\n\n"
+        "Process advantage verifiers (Setlur et al., 2024) on PyTorch Lightning.\n\n"
+        f"commands:\n{listing}\n\n"
+        "options:\n  -h, --help  show this message and exit\n  --version   print the version and exit\n\n"
+        "Run `pavlit <command> --help` for the options of one command."
+    )
+
+
+def default_run_dir(command: str, root: str | os.PathLike[str] = RUNS_ROOT) -> str:
+    """The folder a run writes into when no ``trainer.default_root_dir`` is given.
+
+    ``$PAVLIT_RUN_DIR`` when set (which is how processes that Lightning launches for DDP find the folder their
+    parent chose), else a new ``<root>/<command>/<YYYY-mm-dd_HH-MM-SS>`` (suffixed ``_1``, ``_2``, ... when a
+    run in the same second already took that name).
+    """
+    if os.environ.get(RUN_DIR_ENV):
+        return os.environ[RUN_DIR_ENV]
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    candidate = Path(root, command, stamp)
+    suffix = 0
+    while candidate.exists():
+        suffix += 1
+        candidate = Path(root, command, f"{stamp}_{suffix}")
+    return str(candidate)
+
+
+@contextmanager
+def _restored_env(name: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the Lightning-based classes are built on first use, so importing this module stays fast.
+    classes = _lightning_classes() if name in ("PavlitCLI", "RunFolderSaveConfigCallback") else {}
+    if name in classes:
+        return classes[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@cache
+def _lightning_classes() -> dict[str, type]:
+    from docstring_parser import DocstringStyle
+    from jsonargparse import set_parsing_settings
+    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    # pavlit's docstrings are Google style (STYLE.md); naming the style skips docstring_parser's guessing.
+    set_parsing_settings(docstring_parse_style=DocstringStyle.GOOGLE)
+
+    class RunFolderSaveConfigCallback(SaveConfigCallback):
+        """Saves the resolved config into the run folder, and never over one of the run's input config files.
+
+        The run folder is fresh, so overwriting there is safe; but a user may point ``trainer.default_root_dir``
+        at the folder holding their ``config.yaml``. Then the resolved config goes to ``config.resolved.yaml``.
+        """
+
+        def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+            if not self.already_saved and self.save_to_log_dir:
+                target = os.path.realpath(os.path.join(trainer.log_dir or ".", self.config_filename))
+                inputs = {os.path.realpath(os.fspath(path)) for path in (self.config.get("config") or [])}
+                if target in inputs:
+                    stem, ext = os.path.splitext(self.config_filename)
+                    self.config_filename = f"{stem}.resolved{ext}"
+                    rank_zero_warn(
+                        f"{target} is an input config of this run; saving the resolved config as "
+                        f"{self.config_filename} next to it instead"
+                    )
+            super().setup(trainer, pl_module, stage)
+
+    class PavlitCLI(LightningCLI):
+        """LightningCLI over any LightningModule and LightningDataModule, with plugins loaded and a run folder.
+
+        Before parsing, every registered plugin is imported (:func:`pavlit.registry.load_all`), so a YAML can
+        select one by short class name (``class_path: TemperedProver``). Unless ``trainer.default_root_dir``
+        is given, the run writes into :func:`default_run_dir`, and the resolved config is saved there.
+
+        Args:
+            model_class: A LightningModule class (``None``: any, chosen with ``--model`` / ``model.class_path``).
+            datamodule_class: A LightningDataModule class (``None``: any, chosen with ``--data``).
+            save_config_callback: Saves the resolved config into the run folder.
+            save_config_kwargs: Its arguments; default ``{"overwrite": True}``, safe because the folder is the
+                run's own.
+            subclass_mode_model: Accept subclasses of ``model_class``.
+            subclass_mode_data: Accept subclasses of ``datamodule_class``.
+            **kwargs: The other arguments of ``LightningCLI`` (``args``, ``run``, ``trainer_defaults``, ...).
+        """
+
+        def __init__(
+            self,
+            model_class: type | Callable[..., Any] | None = None,
+            datamodule_class: type | Callable[..., Any] | None = None,
+            save_config_callback: type[SaveConfigCallback] | None = RunFolderSaveConfigCallback,
+            save_config_kwargs: dict[str, Any] | None = None,
+            *,
+            subclass_mode_model: bool = True,
+            subclass_mode_data: bool = True,
+            **kwargs: Any,
+        ) -> None:
+            registry.load_all()
+            # The chosen run folder is exported for the duration of the run so that DDP worker processes,
+            # which re-run this command, write into the same folder instead of picking a new timestamp.
+            with _restored_env(RUN_DIR_ENV):
+                super().__init__(
+                    model_class,
+                    datamodule_class,
+                    save_config_callback,
+                    {"overwrite": True} if save_config_kwargs is None else save_config_kwargs,
+                    subclass_mode_model=subclass_mode_model,
+                    subclass_mode_data=subclass_mode_data,
+                    **kwargs,
+                )
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            if config.trainer.default_root_dir is None:
+                config.trainer.default_root_dir = default_run_dir(self.subcommand or "run")
+                os.environ[RUN_DIR_ENV] = config.trainer.default_root_dir
+
+    classes: dict[str, type] = {"PavlitCLI": PavlitCLI, "RunFolderSaveConfigCallback": RunFolderSaveConfigCallback}
+    for name, cls in classes.items():
+        # Importable as pavlit.cli.<name> (through __getattr__), so pickling (ddp_spawn) finds them.
+        cls.__module__ = __name__
+        cls.__qualname__ = name
+    return classes
+
+
+if __name__ == "__main__":
+    sys.exit(main())

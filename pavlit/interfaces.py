@@ -1,0 +1,133 @@
+"""The contracts a pavlit plugin implements.
+
+One small abstract class per entry-point group:
+
+============== =================== ==========================================================
+group          interface           what a plugin provides
+============== =================== ==========================================================
+pavlit.tasks   :class:`Task`       problems with a verifiable answer and a checker ``Rex``
+pavlit.provers :class:`Prover`     the prover policy ``μ`` whose advantages are the process reward
+pavlit.rewards :class:`Reward`     a reward composition that scores step prefixes (``orm``, ``pqv``, ``pav``)
+pavlit.search  :class:`Search`     a test-time search strategy (best-of-N, beam, ...)
+============== =================== ==========================================================
+
+A plugin is a class that subclasses one of these and is named in its package's ``pyproject.toml``::
+
+    [project.entry-points."pavlit.provers"]
+    tempered = "my_pkg.provers:TemperedProver"
+
+``pavlit plugins`` then lists it, and a LightningCLI YAML selects it by short class name
+(``class_path: TemperedProver``) or by full import path.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # annotations only: `pavlit --help` and `pavlit plugins` should not pay for importing torch
+    import torch
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One verifiable problem.
+
+    Args:
+        id: Stable identifier, unique within a task and split (used to group labels and split data).
+        prompt: The question text given to the policy.
+        answer: The reference final answer, as text.
+        reference_steps: A reference solution as steps (each ending in the task's delimiter except possibly the
+            last), used for SFT; ``None`` when the source has none.
+        metadata: Anything else the source carries (difficulty, raw record, ...).
+    """
+
+    id: str
+    prompt: str
+    answer: str
+    reference_steps: tuple[str, ...] | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Task(ABC):
+    """A source of problems with a binary checker ``Rex(response) ∈ {0, 1}``.
+
+    Attributes:
+        step_delimiter: The text that ends a step (PAPER.md §1: a step is one line).
+    """
+
+    step_delimiter: ClassVar[str] = "\n"
+
+    @abstractmethod
+    def problems(self, split: str) -> Sequence[Problem]:
+        """The problems of ``split`` (one of ``train``, ``validation``, ``test``), deterministic for a task config."""
+
+    @abstractmethod
+    def score(self, problem: Problem, response: str) -> float:
+        """``Rex``: 1.0 when ``response`` ends with the right final answer for ``problem``, else 0.0."""
+
+    def extract_answer(self, response: str) -> str | None:
+        """The final answer stated in ``response``, normalised, or ``None`` when it states none.
+
+        Used for majority voting; the default says nothing can be extracted.
+        """
+        return None
+
+    def is_final_step(self, step: str) -> bool:
+        """Whether ``step`` states the final answer, so a response ending with it is finished."""
+        return False
+
+
+class Prover(ABC):
+    """The prover policy ``μ`` that defines process rewards as advantages ``A^μ`` (PAPER.md §2).
+
+    A prover answers one question: given step prefixes and the base policy's values ``Q^π`` on them,
+    what are the prover's values ``Q^μ``? Advantages then follow as consecutive differences
+    (:func:`pavlit.values.advantages`).
+    """
+
+    @abstractmethod
+    def q_values(self, q_pi: torch.Tensor, prefixes: Sequence[Sequence[str]] | None = None) -> torch.Tensor:
+        """``Q^μ`` for each prefix.
+
+        Args:
+            q_pi: ``Q^π`` of the same prefixes, any shape, values in [0, 1].
+            prefixes: The prefixes themselves (steps so far), for provers that need more than ``Q^π``
+                (a fixed checkpoint's own Q-model, a planted prover's exact values). Flattened in the
+                order of ``q_pi.flatten()``.
+
+        Returns:
+            A tensor shaped like ``q_pi`` with values in [0, 1].
+        """
+
+
+class Reward(ABC):
+    """A reward composition: the score of the last step of each prefix (PAPER.md §5)."""
+
+    @abstractmethod
+    def score(self, problem: Problem, prefixes: Sequence[Sequence[str]]) -> torch.Tensor:
+        """One score per prefix (a prefix is the list of steps so far); higher is better."""
+
+
+class Search(ABC):
+    """A test-time search strategy that turns a problem and a compute budget into one chosen response."""
+
+    @abstractmethod
+    def run(self, problems: Sequence[Problem], budget: int) -> list[Mapping[str, Any]]:
+        """Search every problem at ``budget`` (N for best-of-N, beam width B for beam search).
+
+        Returns one mapping per problem with at least ``response`` (the chosen text) and ``tokens``
+        (generated tokens spent).
+        """
+
+
+INTERFACES: dict[str, type] = {
+    "pavlit.tasks": Task,
+    "pavlit.provers": Prover,
+    "pavlit.rewards": Reward,
+    "pavlit.search": Search,
+}

@@ -1,0 +1,88 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+FIXTURES_DIR = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def fixtures_on_path(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Put ``tests/fixtures`` on ``sys.path`` so YAML configs can name its classes (``pavlit_toy_modules.ToyData``)."""
+    monkeypatch.syspath_prepend(str(FIXTURES_DIR))
+    return FIXTURES_DIR
+
+
+@pytest.fixture
+def make_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str, str], str]:
+    """Write an importable module ``name`` with ``source`` into a temp dir on ``sys.path``; returns ``name``.
+
+    Use a name unique to the test: the module stays in ``sys.modules`` once imported.
+    """
+    folder = tmp_path / "modules"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+
+    def make(name: str, source: str) -> str:
+        assert name not in sys.modules, f"module name {name!r} is already taken"
+        (folder / f"{name}.py").write_text(textwrap.dedent(source))
+        importlib.invalidate_caches()
+        return name
+
+    return make
+
+
+DEMO_PLUGIN = {
+    "distribution": "pavlit-demo-prover",
+    "version": "0.3.1",
+    "package": "pavlit_demo_prover",
+    "entry_points": {"pavlit.provers": {"demo": "pavlit_demo_prover:DemoProver"}},
+}
+
+
+@pytest.fixture
+def third_party_site(tmp_path: Path) -> Path:
+    """A folder where a tiny third-party plugin package is installed, as pip would, minus pip.
+
+    The package ``pavlit-demo-prover`` declares ``demo = "pavlit_demo_prover:DemoProver"`` in the
+    ``pavlit.provers`` group of its pyproject.toml; its ``*.dist-info`` (METADATA + entry_points.txt) is what
+    importlib.metadata discovers once the folder is on ``sys.path`` / ``PYTHONPATH``. Returns the folder.
+    """
+    dist, version, package = DEMO_PLUGIN["distribution"], DEMO_PLUGIN["version"], DEMO_PLUGIN["package"]
+    groups = DEMO_PLUGIN["entry_points"]
+    source = tmp_path / "src" / dist
+    (source / package).mkdir(parents=True)
+    module = '''\
+        """A third-party prover: the base policy itself (Q^mu = Q^pi)."""
+
+        from pavlit.interfaces import Prover
+
+
+        class DemoProver(Prover):
+            def q_values(self, q_pi, prefixes=None):
+                return q_pi.clone()
+        '''
+    (source / package / "__init__.py").write_text(textwrap.dedent(module))
+    pyproject = [f'[project]\nname = "{dist}"\nversion = "{version}"\ndependencies = ["pavlit"]\n']
+    entry_points_txt = []
+    for group, entries in groups.items():
+        lines = "".join(f'{name} = "{target}"\n' for name, target in entries.items())
+        pyproject.append(f'\n[project.entry-points."{group}"]\n{lines}')
+        entry_points_txt.append(f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in entries.items()))
+    (source / "pyproject.toml").write_text("".join(pyproject))
+
+    site = tmp_path / "site"
+    (site / package).mkdir(parents=True)
+    (site / package / "__init__.py").write_text((source / package / "__init__.py").read_text())
+    dist_info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (dist_info / "entry_points.txt").write_text("\n".join(entry_points_txt))
+    return site
