@@ -132,11 +132,19 @@ def _lightning_command(subcommand: str, summary: str) -> Command:
     return command
 
 
+def _label_command(argv: list[str]) -> int:
+    """Sample seed rollouts and label every step prefix by Monte-Carlo rollouts (resumable, multi-rank)."""
+    from pavlit.labeling.job import label_command
+
+    return label_command(argv)
+
+
 COMMANDS: dict[str, Command] = {
     "fit": _lightning_command("fit", "Train a LightningModule on a LightningDataModule from a YAML config."),
     "validate": _lightning_command("validate", "Run one evaluation epoch on the validation split."),
     "test": _lightning_command("test", "Run one evaluation epoch on the test split."),
     "predict": _lightning_command("predict", "Run inference on the predict split."),
+    "label": _label_command,
     "plugins": plugins_command,
 }
 

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# The suite's models are tiny: intra-op threads only add OpenMP synchronisation, and when cores are shared
+# (CI's 2 cores, pytest's own subprocesses) spinning threads slow matmuls down by more than an order of
+# magnitude. One thread per process, inherited by the subprocesses tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 FIXTURES_DIR = Path(__file__).parent / "fixtures"
 

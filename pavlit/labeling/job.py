@@ -1,0 +1,306 @@
+"""``pavlit label``: seed rollouts and Monte-Carlo step labels for a split of a task, resumable and multi-rank.
+
+The problems are cut into fixed chunks; ranks take chunks round-robin and commit one shard per chunk atomically
+(:mod:`pavlit.labeling.shards`). Rerunning the same command after a crash or ``kill -9`` skips finished chunks.
+Every sampling call is seeded from ``(seed, chunk, phase)``, so the records are the same whatever the number of
+ranks and however often the job was interrupted.
+
+Output folder::
+
+    job.json             settings fingerprint (resuming with other settings is refused)
+    chunk-000000.jsonl   step labels, one record per (seed rollout, prefix) — pavlit.labeling.records
+    rollouts/            the seed rollouts: {problem_id, prompt, response, correct} (RFT data, ORM data)
+    trl_prm.jsonl        the labels in TRL's PRM schema {prompt, completions, labels}
+    metrics.json         counts, accuracy of the seeds, label statistics, throughput
+    config.yaml          the resolved config
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pavlit.interfaces import SPLITS, Task
+from pavlit.labeling.mc import LabelArgs, label_chunk
+from pavlit.labeling.records import to_trl_prm
+from pavlit.labeling.shards import ShardStore, atomic_write_text, chunks_for_rank
+from pavlit.policy.sources import ModelSource
+
+
+@dataclass
+class SamplerArgs:
+    """Sampling settings shared by every rollout of a job.
+
+    Args:
+        temperature: Softmax temperature (1 = the policy's own distribution, which MC labels must use).
+        top_p: Nucleus mass (1 = off).
+        max_batch: Most sequences decoded at once (bounds memory; part of the seeding, so fixed per job).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_batch: int = 256
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"SamplerArgs.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplerArgs.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_batch < 1:
+            raise ValueError(f"SamplerArgs.max_batch must be >= 1, got {self.max_batch}")
+
+
+@dataclass
+class LaunchArgs:
+    """Where the job runs; ranks split the chunks (``--trainer.devices 2`` runs two processes).
+
+    Args:
+        accelerator: ``cpu`` or ``cuda``.
+        devices: Processes per node.
+        num_nodes: Nodes (launch one command per node, e.g. with SLURM or torchrun-style environment variables).
+    """
+
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+
+
+def label(
+    task: Task,
+    policy: ModelSource,
+    output_dir: str = "runs/label",
+    split: str = "train",
+    num_problems: int | None = None,
+    label: LabelArgs | None = None,
+    sampler: SamplerArgs | None = None,
+    provers: dict[str, ModelSource] | None = None,
+    chunk_size: int = 16,
+    seed: int = 0,
+    trainer: LaunchArgs | None = None,
+) -> dict[str, Any]:
+    """Label every prefix of ``n_cov`` seed rollouts per problem with ``n_mc`` Monte-Carlo completions.
+
+    Args:
+        task: The problems and their checker.
+        policy: The base policy π (seeds and labels are sampled from it).
+        output_dir: The dataset folder; rerunning with the same settings resumes it.
+        split: Which split of the task to label.
+        num_problems: Label only the first ``num_problems`` problems of the split.
+        label: Rollout budgets (``n_cov``, ``n_mc``, first-pit seeding).
+        sampler: Sampling settings.
+        provers: Extra policies (name → model) whose completions from the same prefixes are labelled too,
+            recorded with ``policy: <name>`` (fixed-checkpoint provers). Best-of-K provers need none.
+        chunk_size: Problems per shard (the unit of resumption and of work split across ranks).
+        seed: Seed of every sampling call.
+        trainer: Processes and nodes.
+
+    Returns:
+        The summary written to ``metrics.json`` (on rank 0; other ranks return their own counts).
+    """
+    label = label or LabelArgs()
+    sampler = sampler or SamplerArgs()
+    trainer = trainer or LaunchArgs()
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    settings = _settings(task, policy, split, num_problems, label, sampler, provers, chunk_size, seed)
+    return _run(
+        task,
+        policy,
+        Path(output_dir),
+        split,
+        num_problems,
+        label,
+        sampler,
+        provers or {},
+        chunk_size,
+        seed,
+        trainer,
+        settings,
+    )
+
+
+def _settings(task, policy, split, num_problems, label, sampler, provers, chunk_size, seed) -> dict[str, Any]:
+    """What determines the records (ranks, devices and the output folder do not)."""
+
+    def describe(obj: Any) -> Any:
+        if obj is None:
+            return None
+        return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}", **_public_vars(obj)}
+
+    return {
+        "task": describe(task),
+        "policy": describe(policy),
+        "split": split,
+        "num_problems": num_problems,
+        "label": vars(label),
+        "sampler": vars(sampler),
+        "provers": {name: describe(p) for name, p in sorted((provers or {}).items())},
+        "chunk_size": chunk_size,
+        "seed": seed,
+    }
+
+
+def _public_vars(obj: Any) -> dict[str, Any]:
+    return {k: v for k, v in vars(obj).items() if not k.startswith("_") and _jsonable(v)}
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _run(
+    task, policy, out, split, num_problems, label_args, sampler_args, provers, chunk_size, seed, trainer, settings
+) -> dict[str, Any]:
+    import torch
+    from lightning.fabric import Fabric
+
+    from pavlit.policy.sampler import Sampler
+
+    world = trainer.devices * trainer.num_nodes
+    fabric = Fabric(
+        accelerator=trainer.accelerator,
+        devices=trainer.devices,
+        num_nodes=trainer.num_nodes,
+        strategy="ddp" if world > 1 else "auto",
+    )
+    fabric.launch()
+    rank, world = fabric.global_rank, fabric.world_size
+    if fabric.device.type == "cpu" and world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.devices))
+
+    problems = list(task.problems(split))
+    if num_problems is not None:
+        problems = problems[:num_problems]
+    if not problems:
+        raise ValueError(f"the task has no problems in split {split!r}")
+    n_chunks = math.ceil(len(problems) / chunk_size)
+    store = ShardStore(out, settings)
+    rollout_store = ShardStore(out / "rollouts", settings)
+    todo = [c for c in chunks_for_rank(n_chunks, rank, world) if not store.is_done(c)]
+
+    def make_sampler(source: ModelSource) -> Sampler:
+        model, tokenizer = source.load()
+        return Sampler(
+            model.to(fabric.device),
+            tokenizer,
+            temperature=sampler_args.temperature,
+            top_p=sampler_args.top_p,
+            max_new_tokens=label_args.max_new_tokens,
+            max_batch=sampler_args.max_batch,
+            delimiter=task.step_delimiter,
+        )
+
+    stats = {"chunks": 0, "problems": 0, "prefixes": 0, "completions": 0, "generated_tokens": 0}
+    if todo:
+        pi = make_sampler(policy)
+        prover_samplers = {name: make_sampler(source) for name, source in provers.items()}
+        progress = _progress(len(todo), rank, world, n_chunks - len(todo) if world == 1 else None)
+        start = time.perf_counter()
+        for chunk in todo:
+            chunk_problems = problems[chunk * chunk_size : (chunk + 1) * chunk_size]
+            result = label_chunk(pi, task, chunk_problems, label_args, chunk, seed, provers=prover_samplers)
+            # Rollouts first: a chunk counts as done once its labels are committed, and a rerun rewrites both.
+            rollout_store.commit(chunk, result.rollouts)
+            store.commit(chunk, result.labels)
+            stats["chunks"] += 1
+            stats["problems"] += len(chunk_problems)
+            stats["prefixes"] += len(result.labels)
+            stats["completions"] += result.n_completions
+            stats["generated_tokens"] += result.generated_tokens
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(
+                    problems_s=f"{stats['problems'] / elapsed:.2f}",
+                    prefixes_s=f"{stats['prefixes'] / elapsed:.1f}",
+                    rollouts_s=f"{stats['completions'] / elapsed:.1f}",
+                    tok_s=f"{stats['generated_tokens'] / elapsed:.0f}",
+                )
+        stats["seconds"] = time.perf_counter() - start
+        if progress is not None:
+            progress.close()
+    fabric.barrier()
+    if rank != 0:
+        return stats
+    summary = _summarise(store, rollout_store, len(problems), stats)
+    atomic_write_text(out / "trl_prm.jsonl", "".join(json.dumps(r) + "\n" for r in to_trl_prm(store.records())))
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _progress(total: int, rank: int, world: int, already: int | None):
+    if rank != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    note = f" ({already} chunks already done)" if already else ""
+    return tqdm(total=total, desc=f"label rank {rank}/{world}{note}", unit="chunk", file=sys.stderr)
+
+
+def _summarise(store: ShardStore, rollout_store: ShardStore, n_problems: int, stats: dict[str, Any]) -> dict[str, Any]:
+    """Label statistics streamed from the shards (memory does not grow with the dataset)."""
+    n_records = n_rollouts = 0
+    q_sum = q_mixed = 0.0
+    q_hist = [0] * 10
+    for record in store.records():
+        n_records += 1
+        n_rollouts += record["n_rollouts"]
+        q = record["q_mc"]
+        q_sum += q
+        q_mixed += 0.0 < q < 1.0
+        q_hist[min(int(q * 10), 9)] += 1
+    n_seeds = n_correct = 0
+    for rollout in rollout_store.records():
+        n_seeds += 1
+        n_correct += rollout["correct"]
+    return {
+        "problems": n_problems,
+        "chunks_done": len(store.done_chunks()),
+        "records": n_records,
+        "label_rollouts": n_rollouts,
+        "seed_rollouts": n_seeds,
+        "seed_accuracy": n_correct / n_seeds if n_seeds else None,
+        "mean_q_mc": q_sum / n_records if n_records else None,
+        "fraction_q_strictly_between_0_and_1": q_mixed / n_records if n_records else None,
+        "q_mc_histogram_deciles": q_hist,
+        "this_run": stats,
+    }
+
+
+def label_command(argv: list[str]) -> int:
+    """Sample seed rollouts and label every step prefix by Monte-Carlo rollouts (resumable, multi-rank)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from pavlit import registry
+
+    registry.load_all()
+    parser = ArgumentParser(prog="pavlit label", description=label_command.__doc__, parser_mode="yaml")
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML config (see configs/tiny/label.yaml)")
+    parser.add_function_arguments(label, fail_untyped=True)
+    cfg = parser.parse_args(argv)
+    init = parser.instantiate_classes(cfg)
+    kwargs = {k: v for k, v in vars(init).items() if k != "config"}
+    out = Path(kwargs["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = {Path(str(c)).resolve() for c in (cfg.get("config") or []) if c is not None}
+    config_path = out / "config.yaml"
+    if config_path.resolve() in inputs:
+        config_path = out / "config.resolved.yaml"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        atomic_write_text(config_path, parser.dump(cfg, skip_none=False, skip_check=True))
+    summary = label(**kwargs)
+    if "records" in summary:
+        print(json.dumps({k: v for k, v in summary.items() if k != "q_mc_histogram_deciles"}, indent=2))
+    return 0

@@ -1,0 +1,218 @@
+"""Monte-Carlo labeling: record consistency, agreement with an independent re-estimate, first pits,
+and the `pavlit label` job's resume-after-kill and multi-rank guarantees (real subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pavlit.labeling.job import LaunchArgs, SamplerArgs, label
+from pavlit.labeling.mc import LabelArgs, label_chunk
+from pavlit.labeling.records import validate_record
+from pavlit.labeling.shards import ShardStore
+from pavlit.policy.sampler import Sampler
+from pavlit.policy.sources import TinyPolicy
+
+FIXTURES = Path(__file__).parent / "fixtures"
+sys.path.insert(0, str(FIXTURES))
+from pavlit_toy_tasks import ALPHABET, SevenTask  # noqa: E402
+
+SOURCE = TinyPolicy(n_layer=1, n_embd=32, n_head=2, alphabet=ALPHABET, seed=3)
+
+
+@pytest.fixture(scope="module")
+def sampler() -> Sampler:
+    model, tokenizer = SOURCE.load()
+    return Sampler(model, tokenizer, max_new_tokens=12, max_batch=512)
+
+
+def test_every_prefix_of_every_seed_is_labelled_consistently(sampler):
+    task = SevenTask(n_problems=3)
+    args = LabelArgs(n_cov=3, n_mc=8, max_new_tokens=12)
+    result = label_chunk(sampler, task, task.problems("train"), args, chunk=0, seed=1)
+
+    assert len(result.rollouts) == 3 * 3
+    by_seed: dict[tuple[str, int], list[dict]] = {}
+    for i, record in enumerate(result.labels):
+        validate_record(record, f"record {i}")
+        by_seed.setdefault((record["problem_id"], record["seed_index"]), []).append(record)
+    assert len(by_seed) == 9
+    rollouts = {(r["problem_id"], i % 3): r for i, r in enumerate(result.rollouts)}
+    for key, records in by_seed.items():
+        response = rollouts[key]["response"]
+        assert [r["step_index"] for r in records] == list(range(len(records)))
+        assert records[0]["steps"] == []  # the question-only prefix is labelled too
+        assert "".join(records[-1]["steps"]) == response
+        assert all(r["seed_outcome"] == rollouts[key]["correct"] for r in records)
+        for r in records:
+            prefix = "".join(r["steps"])
+            if "9" in prefix:
+                assert r["q_mc"] == 0.0  # no completion can repair a 9
+    # Identical prefixes (every seed's question-only prefix) share one estimate.
+    roots = [r for r in result.labels if r["problem_id"] == "train-0" and r["step_index"] == 0]
+    assert len({r["n_correct"] for r in roots}) == 1
+
+
+def test_labels_agree_with_an_independent_reestimate(sampler):
+    task = SevenTask(n_problems=4)
+    args = LabelArgs(n_cov=2, n_mc=64, max_new_tokens=12)
+    problems = task.problems("train")
+    result = label_chunk(sampler, task, problems, args, chunk=0, seed=7)
+    mixed = [r for r in result.labels if 0.1 < r["q_mc"] < 0.9][:4]
+    assert mixed, "the toy task should give some prefixes mixed values"
+    by_id = {p.id: p for p in problems}
+    prefixes = [by_id[r["problem_id"]].prompt + "".join(r["steps"]) for r in mixed]
+    fresh = sampler.complete(prefixes, n=1000, max_new_tokens=12, seed=12345)
+    for record, completions in zip(mixed, fresh.texts):
+        head = "".join(record["steps"])
+        q_ref = sum(task.score(by_id[record["problem_id"]], head + c) for c in completions) / len(completions)
+        sigma = math.sqrt(max(q_ref * (1 - q_ref), 1e-3) / record["n_rollouts"])
+        assert abs(record["q_mc"] - q_ref) < 4.5 * sigma, (record["q_mc"], q_ref)
+
+
+def test_first_pit_prefixes_end_at_a_zero_value_step(sampler):
+    task = SevenTask(n_problems=4)
+    args = LabelArgs(
+        n_cov=4,
+        n_mc=16,
+        max_new_tokens=12,
+        first_pit=True,
+        pit_threshold=0.3,
+        pit_states=3,
+        pit_rollouts=2,
+        pit_n_cheap=4,
+        pit_n_mc=16,
+    )
+    result = label_chunk(sampler, task, task.problems("train"), args, chunk=0, seed=2)
+    pits = [r for r in result.labels if r["source"] == "first_pit"]
+    assert pits, "expected first-pit prefixes on the toy task"
+    assert any("9" in r["steps"][-1] and r["q_mc"] == 0.0 for r in pits if r["steps"])
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in pits:
+        groups.setdefault((r["problem_id"], r["seed_index"]), []).append(r)
+    for records in groups.values():
+        deepest = max(records, key=lambda r: r["step_index"])
+        # The pit is where the cheap estimate (4 completions) first read 0: the precise label is low, and exactly
+        # 0 where the pit step wrote a 9 (no completion can repair it).
+        assert deepest["q_mc"] <= 0.5
+        if "9" in deepest["steps"][-1]:
+            assert deepest["q_mc"] == 0.0
+        assert deepest["n_rollouts"] == 16
+        assert [r["step_index"] for r in sorted(records, key=lambda r: r["step_index"])] == list(
+            range(deepest["step_index"] + 1)
+        )
+
+
+def _config(tmp_path: Path, out: Path, n_problems: int, chunk_size: int) -> Path:
+    config = {
+        "task": {"class_path": "pavlit_toy_tasks.SevenTask", "init_args": {"n_problems": n_problems}},
+        "policy": {
+            "class_path": "TinyPolicy",
+            "init_args": {"n_layer": 1, "n_embd": 32, "n_head": 2, "alphabet": ALPHABET, "seed": 3},
+        },
+        "output_dir": str(out),
+        "label": {"n_cov": 2, "n_mc": 8, "max_new_tokens": 12},
+        "sampler": {"max_batch": 64},
+        "chunk_size": chunk_size,
+        "seed": 5,
+    }
+    path = tmp_path / f"{out.name}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(FIXTURES), str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _records(out: Path) -> list[dict]:
+    return list(ShardStore(out, json.loads((out / "job.json").read_text())["settings"]).records())
+
+
+def test_killed_label_job_resumes_to_the_uninterrupted_records(tmp_path):
+    reference = tmp_path / "reference"
+    label(
+        task=SevenTask(n_problems=24),
+        policy=TinyPolicy(n_layer=1, n_embd=32, n_head=2, alphabet=ALPHABET, seed=3),
+        output_dir=str(reference),
+        label=LabelArgs(n_cov=2, n_mc=8, max_new_tokens=12),
+        sampler=SamplerArgs(max_batch=64),
+        chunk_size=2,
+        seed=5,
+    )
+    out = tmp_path / "killed"
+    config = _config(tmp_path, out, n_problems=24, chunk_size=2)
+    command = [sys.executable, "-m", "pavlit", "label", "--config", str(config)]
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("chunk-*.jsonl")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_at_kill = len(list(out.glob("chunk-*.jsonl")))
+    assert 1 <= done_at_kill < 12, "the kill should land mid-run"
+
+    finished = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert _records(out) == _records(reference)
+    assert (out / "metrics.json").exists() and (out / "trl_prm.jsonl").exists()
+
+
+def test_two_ranks_write_the_same_records_as_one(tmp_path):
+    one = tmp_path / "one"
+    label(
+        task=SevenTask(n_problems=6),
+        policy=TinyPolicy(n_layer=1, n_embd=32, n_head=2, alphabet=ALPHABET, seed=3),
+        output_dir=str(one),
+        label=LabelArgs(n_cov=2, n_mc=8, max_new_tokens=12),
+        sampler=SamplerArgs(max_batch=64),
+        chunk_size=2,
+        seed=5,
+        trainer=LaunchArgs(devices=1),
+    )
+    two = tmp_path / "two"
+    config = _config(tmp_path, two, n_problems=6, chunk_size=2)
+    run = subprocess.run(
+        [sys.executable, "-m", "pavlit", "label", "--config", str(config), "--trainer.devices", "2"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(list(two.glob("chunk-*.jsonl"))) == 3
+    assert _records(two) == _records(one)
+    summary = json.loads((two / "metrics.json").read_text())
+    assert summary["records"] == len(_records(one))
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    out = tmp_path / "labels"
+    kwargs = dict(
+        task=SevenTask(n_problems=2),
+        policy=TinyPolicy(n_layer=1, n_embd=32, n_head=2, alphabet=ALPHABET, seed=3),
+        output_dir=str(out),
+        label=LabelArgs(n_cov=1, n_mc=2, max_new_tokens=8),
+    )
+    label(**kwargs)
+    with pytest.raises(ValueError, match="changed: label"):
+        label(**{**kwargs, "label": LabelArgs(n_cov=1, n_mc=4, max_new_tokens=8)})
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="LabelArgs.n_mc"):
+        LabelArgs(n_mc=0)
+    with pytest.raises(ValueError, match="SamplerArgs.top_p"):
+        SamplerArgs(top_p=0.0)
+    assert torch.get_num_threads() >= 1
