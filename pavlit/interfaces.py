@@ -91,7 +91,12 @@ class Prover(ABC):
     """
 
     @abstractmethod
-    def q_values(self, q_pi: torch.Tensor, prefixes: Sequence[Sequence[str]] | None = None) -> torch.Tensor:
+    def q_values(
+        self,
+        q_pi: torch.Tensor,
+        prefixes: Sequence[Sequence[str]] | None = None,
+        prompts: Sequence[str] | None = None,
+    ) -> torch.Tensor:
         """``Q^μ`` for each prefix.
 
         Args:
@@ -99,6 +104,7 @@ class Prover(ABC):
             prefixes: The prefixes themselves (steps so far), for provers that need more than ``Q^π``
                 (a fixed checkpoint's own Q-model, a planted prover's exact values). Flattened in the
                 order of ``q_pi.flatten()``.
+            prompts: The question of each prefix, in the same order (for provers that score text).
 
         Returns:
             A tensor shaped like ``q_pi`` with values in [0, 1].

@@ -216,3 +216,36 @@ def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="SamplerArgs.top_p"):
         SamplerArgs(top_p=0.0)
     assert torch.get_num_threads() >= 1
+
+
+def test_best_of_k_estimates_agree_analytic_counts_and_direct_draws(sampler):
+    """The three routes to Q^{BoK} (analytic from Q̂^π, unbiased from counts, fresh K-groups) agree within MC error."""
+    from pavlit.provers.best_of_k import BestOfK
+
+    task = SevenTask(n_problems=1)
+    problem = task.problems("train")[0]
+    prefixes = [[], ["1\n"], ["35\n"]]
+    k = 3
+    prover = BestOfK(k=k)
+    heads = ["".join(p) for p in prefixes]
+    mc = sampler.complete([problem.prompt + h for h in heads], n=600, max_new_tokens=12, seed=4)
+    n_correct = torch.tensor([sum(task.score(problem, h + c) for c in cs) for h, cs in zip(heads, mc.texts)])
+    n_rollouts = torch.full_like(n_correct, 600)
+    analytic = prover.q_values(n_correct / n_rollouts)
+    from_counts = prover.from_counts(n_correct, n_rollouts)
+    direct = prover.estimate(sampler, task, problem, prefixes, n_groups=400, max_new_tokens=12, seed=9)
+    assert torch.allclose(analytic, from_counts, atol=0.01)
+    sigma = torch.sqrt(direct.clamp(0.05, 0.95) * (1 - direct.clamp(0.05, 0.95)) / 400)
+    assert torch.all((direct - from_counts).abs() < 4.5 * sigma), (direct, from_counts)
+
+
+def test_a_named_prover_policy_is_labelled_on_the_same_prefixes(sampler):
+    task = SevenTask(n_problems=2)
+    model, tokenizer = TinyPolicy(n_layer=1, n_embd=32, n_head=2, alphabet=ALPHABET, seed=11).load()
+    prover = Sampler(model, tokenizer, max_new_tokens=12)
+    args = LabelArgs(n_cov=2, n_mc=8, max_new_tokens=12)
+    result = label_chunk(sampler, task, task.problems("train"), args, chunk=0, seed=1, provers={"weak": prover})
+    pi = [r for r in result.labels if r["policy"] == "pi"]
+    weak = [r for r in result.labels if r["policy"] == "weak"]
+    assert len(pi) == len(weak) > 0
+    assert [(r["problem_id"], r["steps"]) for r in pi] == [(r["problem_id"], r["steps"]) for r in weak]

@@ -91,12 +91,18 @@ class PlantedProver(Prover):
         """Exact ``Q^μ`` of one prefix."""
         return self.task.automaton_q(prefix, self._values)
 
-    def q_values(self, q_pi: torch.Tensor, prefixes: Sequence[Sequence[str]] | None = None) -> torch.Tensor:
+    def q_values(
+        self,
+        q_pi: torch.Tensor,
+        prefixes: Sequence[Sequence[str]] | None = None,
+        prompts: Sequence[str] | None = None,
+    ) -> torch.Tensor:
         """Exact ``Q^μ`` of each prefix (``q_pi`` only gives the output's shape, dtype and device).
 
         Args:
             q_pi: Any shape; ``q_pi.numel()`` must equal ``len(prefixes)``.
             prefixes: Prefixes as step strings (``["3 ", "6 "]``) or token ids, in ``q_pi.flatten()`` order.
+            prompts: Unused (the planted task has no question).
         """
         if prefixes is None:
             raise ValueError("PlantedProver needs the prefixes themselves to compute exact values")
