@@ -1,0 +1,267 @@
+"""The outcome DataModule: (question, full response, correct 0/1) for the outcome verifier (:class:`ORMModule`).
+
+Two input formats, told apart per record:
+
+* **Outcome records** ``{"problem_id", "prompt", "response", "correct"}`` (``correct`` is 0/1 or a bool), in the
+  same file kinds :func:`pavlit.data.step_labels.iter_records` reads.
+* **Step-label records** (``pavlit label`` output): each *seed* rollout's full response (the steps of its deepest
+  labelled prefix) with ``seed_outcome`` as the label. First-pit records (``source: first_pit``) are prefixes of a
+  rollout up to its pit, not full responses, and are left out.
+
+The split is by problem (as for step labels), identical ``(problem_id, prompt, response)`` examples are kept once,
+and class balance is a per-example loss weight ``N / (2 n_class)``. The score sits on the last token of the
+response; a response that does not fit in ``max_length`` is a bad record (cutting it would cut the answer the
+label is about).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, DistributedSampler
+
+from pavlit.data.step_labels import (
+    BadRecords,
+    OnBadRecord,
+    ResumableSampler,
+    group_rollouts,
+    iter_records,
+    resume_offset,
+    split_problems,
+)
+from pavlit.labeling.records import validate_record
+from pavlit.steps import StepTokens, pad_step_batch, step_end_token_indices
+from pavlit.verifier import balance_weights
+
+__all__ = ["OutcomeCollator", "OutcomeDataModule", "OutcomeExample", "outcome_tokens"]
+
+log = logging.getLogger(__name__)
+
+OUTCOME_FIELDS = {"problem_id": str, "prompt": str, "response": str}
+
+
+@dataclass
+class OutcomeExample:
+    """One tokenised (question, response) pair: ``tokens.prefix_ends[-1]`` is the scored (last) token."""
+
+    tokens: StepTokens
+    correct: float
+    problem_id: str
+
+
+def outcome_tokens(prompt: str, response: str, tokenizer: Any) -> StepTokens:
+    """Tokenise ``prompt + response`` with the response as one segment, so its end token is the score position."""
+    return step_end_token_indices(prompt, [response] if response else [], tokenizer)
+
+
+@dataclass
+class OutcomeCollator:
+    """Pads examples: ``input_ids``, ``attention_mask`` ``[B, T]``, ``positions`` ``[B, 1]``, ``label``, ``weight``
+    ``[B]``.
+
+    Args:
+        pad_id: The tokenizer's pad id.
+        weight_low: Loss weight of incorrect responses.
+        weight_high: Loss weight of correct responses.
+    """
+
+    pad_id: int
+    weight_low: float = 1.0
+    weight_high: float = 1.0
+
+    def __call__(self, examples: Sequence[OutcomeExample]) -> dict[str, torch.Tensor]:
+        batch = pad_step_batch([e.tokens for e in examples], self.pad_id, side="right")
+        last = torch.tensor([len(e.tokens.step_ends) for e in examples])
+        positions = batch.prefix_positions.gather(1, last[:, None])
+        label = torch.tensor([e.correct for e in examples], dtype=torch.float32)
+        weight = torch.where(label < 0.5, self.weight_low, self.weight_high)
+        return {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "positions": positions,
+            "label": label,
+            "weight": weight,
+        }
+
+
+class OutcomeDataModule(LightningDataModule):
+    """Outcome-labelled responses for training an outcome verifier (PAPER.md §4, ORM).
+
+    Args:
+        path: Outcome records or a step-label dataset (see the module docstring), in any form
+            :func:`pavlit.data.step_labels.iter_records` reads.
+        val_fraction: Share of problems held out for validation.
+        batch_size: Responses per batch.
+        max_length: Longest tokenised question + response (also capped by the model's ``max_positions``).
+        balance: Weight examples so that correct and incorrect responses carry equal loss.
+        on_bad_record: ``"error"`` or ``"skip"`` (counted and logged).
+        seed: Seeds the problem split and the shuffling.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        val_fraction: float = 0.1,
+        batch_size: int = 32,
+        max_length: int = 512,
+        balance: bool = True,
+        on_bad_record: OnBadRecord = "error",
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        BadRecords(on_bad_record)
+        self.path = path
+        self.val_fraction = val_fraction
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.balance = balance
+        self.on_bad_record: OnBadRecord = on_bad_record
+        self.seed = seed
+        self.num_workers = num_workers
+        self.tokenizer: Any = None
+        self.train_examples: list[OutcomeExample] = []
+        self.val_examples: list[OutcomeExample] = []
+        self.weights = (1.0, 1.0)
+        self.stats: Counter = Counter()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, validate, split and tokenise with the model's tokenizer (``trainer.lightning_module.tokenizer``)."""
+        if self.train_examples or self.val_examples:
+            return
+        if self.tokenizer is None:
+            if self.trainer is None or getattr(self.trainer.lightning_module, "tokenizer", None) is None:
+                raise RuntimeError("OutcomeDataModule needs a tokenizer: attach it to a trainer with a verifier")
+            self.tokenizer = self.trainer.lightning_module.tokenizer
+            limit = getattr(self.trainer.lightning_module, "max_positions", None)
+            if limit is not None and limit < self.max_length:
+                self.max_length = int(limit)
+        self.prepare(self.tokenizer)
+
+    def prepare(self, tokenizer: Any) -> None:
+        """Build the examples with ``tokenizer`` (what ``setup`` does, usable without a trainer)."""
+        self.tokenizer = tokenizer
+        bad = BadRecords(self.on_bad_record, "outcome record")
+        triples = self._read(bad)
+        seen: dict[tuple[str, str, str], float] = {}
+        for where, problem_id, prompt, response, correct in triples:
+            key = (problem_id, prompt, response)
+            if key in seen:
+                if seen[key] != correct:
+                    bad(where, "the same problem and response appear earlier with the other label")
+                else:
+                    self.stats["duplicates"] += 1
+                continue
+            seen[key] = correct
+        val_problems = split_problems([key[0] for key in seen], self.val_fraction, self.seed)
+        for where, problem_id, prompt, response, _ in triples:
+            key = (problem_id, prompt, response)
+            if key not in seen:
+                continue
+            correct = seen.pop(key)
+            try:
+                tokens = outcome_tokens(prompt, response, tokenizer)
+            except ValueError as err:
+                bad(where, str(err))
+                continue
+            if len(tokens.input_ids) > self.max_length:
+                bad(where, f"question + response is {len(tokens.input_ids)} tokens, over max_length={self.max_length}")
+                continue
+            if tokens.prefix_ends[-1] < 0:
+                bad(where, "empty prompt and response with no BOS: nothing to score")
+                continue
+            example = OutcomeExample(tokens, correct, problem_id)
+            (self.val_examples if problem_id in val_problems else self.train_examples).append(example)
+        bad.summarise()
+        self.stats["bad_records"] = bad.count
+        if not self.train_examples:
+            raise ValueError(f"{self.path}: no usable training responses ({dict(self.stats)})")
+        n_low = sum(e.correct < 0.5 for e in self.train_examples)
+        self.weights = balance_weights(n_low, len(self.train_examples) - n_low) if self.balance else (1.0, 1.0)
+        self.stats.update(
+            train_responses=len(self.train_examples),
+            val_responses=len(self.val_examples),
+            train_incorrect=n_low,
+        )
+        log.info("outcomes from %s: %s; class weights (0, 1) = %s", self.path, dict(self.stats), self.weights)
+
+    def _read(self, bad: BadRecords) -> list[tuple[str, str, str, str, float]]:
+        triples: list[tuple[str, str, str, str, float]] = []
+        step_records = []
+        for where, record in iter_records(self.path):
+            if isinstance(record, str) or not isinstance(record, dict):
+                bad(where, record if isinstance(record, str) else "expected a JSON object")
+            elif "response" in record:
+                reason = _outcome_problem(record)
+                if reason:
+                    bad(where, reason)
+                else:
+                    correct = float(record["correct"])
+                    triples.append((where, record["problem_id"], record["prompt"], record["response"], correct))
+            elif "steps" in record:
+                try:
+                    validate_record(record, where)
+                except ValueError as err:
+                    bad(where, str(err).removeprefix(f"{where}: "))
+                    continue
+                if record.get("source", "seed") == "seed":
+                    step_records.append((where, record))
+                else:
+                    self.stats["not_seed"] += 1
+            else:
+                bad(where, "neither an outcome record (problem_id, prompt, response, correct) nor a step label")
+        self.stats["records"] = len(triples) + len(step_records) + bad.count + self.stats["not_seed"]
+        if step_records:
+            rollouts, _ = group_rollouts(step_records, bad, dedupe=False)
+            for rollout in rollouts:
+                where = rollout.where[max(rollout.where)]
+                if rollout.outcome not in (0.0, 1.0):
+                    bad(where, f"seed_outcome must be 0 or 1, got {rollout.outcome}")
+                    continue
+                response = "".join(rollout.steps)
+                triples.append((where, rollout.problem_id, rollout.prompt, response, rollout.outcome))
+        return triples
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(self.train_examples, world, rank, shuffle=True, seed=self.seed)
+        sampler.skip(resume_offset(trainer) * self.batch_size)
+        collate = OutcomeCollator(self._pad_id(), *self.weights)
+        return DataLoader(self.train_examples, self.batch_size, sampler=sampler, collate_fn=collate, **self._workers())
+
+    def val_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = DistributedSampler(self.val_examples, num_replicas=world, rank=rank, shuffle=False)
+        collate = OutcomeCollator(self._pad_id())
+        return DataLoader(self.val_examples, self.batch_size, sampler=sampler, collate_fn=collate, **self._workers())
+
+    def _workers(self) -> dict[str, Any]:
+        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+
+def _outcome_problem(record: dict[str, Any]) -> str | None:
+    for name, expected in OUTCOME_FIELDS.items():
+        if not isinstance(record.get(name), expected):
+            return f"field {name!r} should be a {expected.__name__}, got {record.get(name)!r}"
+    correct = record.get("correct")
+    if correct not in (0, 1) or (isinstance(correct, float) and correct != correct):
+        return f"field 'correct' should be 0/1 or a bool, got {correct!r}"
+    if not record["response"].strip():
+        return "empty response"
+    return None
