@@ -168,3 +168,29 @@ def test_distinguishability_and_alignment_by_brute_force() -> None:
         ]
     )
     assert torch.allclose(a_same, a_pi_t, atol=1e-12)
+
+
+def test_checkpoint_prover_scores_prefix_chains_like_its_verifier(tmp_path):
+    """Q^μ from a checkpoint prover equals its Q-model's per-prefix scores, whatever the grouping of prefixes."""
+    from pavlit.modules.pav import PAVModule
+    from pavlit.policy.sources import TinyPolicy
+    from pavlit.provers.checkpoint import CheckpointProver
+
+    verifier = PAVModule(source=TinyPolicy(n_layer=1, n_embd=32, n_head=2, seed=1))
+    verifier.save_pretrained(tmp_path / "mu")
+    prover = CheckpointProver(verifier_path=str(tmp_path / "mu"))
+    prompts = ["Compute 1+2.\n", "Compute 3+4.\n"]
+    responses = [["1+2=3\n", "Answer: 3\n"], ["3+4=8\n"]]
+    expected = verifier.score_prefixes(prompts, responses)
+    prefixes = [r[:h] for r in responses for h in range(len(r) + 1)]
+    prefix_prompts = [p for p, r in zip(prompts, responses) for _ in range(len(r) + 1)]
+    q = prover.q_values(torch.zeros(len(prefixes)), prefixes, prefix_prompts)
+    assert torch.allclose(q, torch.cat(expected), atol=1e-5)
+    # Shuffled order (no chains to share): same values, one forward pass per prefix.
+    order = [4, 0, 2, 1, 3]
+    shuffled = prover.q_values(torch.zeros(5), [prefixes[i] for i in order], [prefix_prompts[i] for i in order])
+    assert torch.allclose(shuffled, torch.cat(expected)[order], atol=1e-5)
+    with pytest.raises(ValueError, match="prompts"):
+        prover.q_values(torch.zeros(5), prefixes, None)
+    with pytest.raises(ValueError, match="verifier_path"):
+        CheckpointProver()
