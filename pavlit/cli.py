@@ -139,12 +139,20 @@ def _label_command(argv: list[str]) -> int:
     return label_command(argv)
 
 
+def _search_command(argv: list[str]) -> int:
+    """Best-of-N / beam search with reward compositions over a split: accuracy-vs-compute table, plot, efficiency."""
+    from pavlit.search.job import search_command
+
+    return search_command(argv)
+
+
 COMMANDS: dict[str, Command] = {
     "fit": _lightning_command("fit", "Train a LightningModule on a LightningDataModule from a YAML config."),
     "validate": _lightning_command("validate", "Run one evaluation epoch on the validation split."),
     "test": _lightning_command("test", "Run one evaluation epoch on the test split."),
     "predict": _lightning_command("predict", "Run inference on the predict split."),
     "label": _label_command,
+    "search": _search_command,
     "plugins": plugins_command,
 }
 

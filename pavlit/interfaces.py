@@ -111,24 +111,98 @@ class Prover(ABC):
         """
 
 
+@dataclass
+class RewardScores:
+    """What a reward composition says about a batch of prefixes (one entry per prefix).
+
+    Attributes:
+        reward: ``[n]`` the score search ranks by: for ``pav`` the effective reward of the prefix's last step,
+            ``Q̂^π(prefix) + α·(Q̂^μ(prefix) − Q̂^μ(parent))``; for ``orm`` the outcome score.
+        value: ``[n]`` the composition's estimate of ``Q^π(prefix)``, the chance the prefix ends correct; beam
+            search picks its final answer by it and best-of-N ranks full responses by it.
+        calls: Verifier calls per prefix (items scored; Monte-Carlo rollouts for the ``mc`` oracle), or ``None``
+            for one call each.
+        tokens: Tokens generated to score each prefix (only compositions that roll out spend any), or ``None``.
+    """
+
+    reward: torch.Tensor
+    value: torch.Tensor
+    calls: list[int] | None = None
+    tokens: list[int] | None = None
+
+
 class Reward(ABC):
-    """A reward composition: the score of the last step of each prefix (PAPER.md §5)."""
+    """A reward composition: scores step prefixes for test-time search (PAPER.md §5).
+
+    A prefix is the list of steps so far (each keeping its delimiter, as :func:`pavlit.steps.split_steps`
+    returns them); the empty list is the question-only prefix. ``problems[i]`` is the problem of
+    ``prefixes[i]``, so one call scores prefixes of many problems at once (one batched verifier pass).
+    """
+
+    def bind(self, task: Task, sampler: Any) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Called by a search before it scores anything: the task and the policy's sampler in use.
+
+        Load verifiers here (onto ``sampler.device``), not in ``__init__``, so configs stay cheap to parse.
+        """
 
     @abstractmethod
-    def score(self, problem: Problem, prefixes: Sequence[Sequence[str]]) -> torch.Tensor:
-        """One score per prefix (a prefix is the list of steps so far); higher is better."""
+    def score(
+        self,
+        problems: Sequence[Problem],
+        prefixes: Sequence[Sequence[str]],
+        finished: Sequence[bool] | None = None,
+    ) -> RewardScores:
+        """Score each prefix.
+
+        Args:
+            problems: The problem of each prefix.
+            prefixes: Steps so far, one list per prefix.
+            finished: Whether each prefix is a complete response (EOS or a final-answer step); compositions that
+                roll out score those exactly instead of continuing them. ``None``: none is.
+        """
 
 
 class Search(ABC):
-    """A test-time search strategy that turns a problem and a compute budget into one chosen response."""
+    """A test-time search strategy: a batch of problems and a compute budget in, one chosen response each out.
+
+    The job hands a strategy the task (checker, answer extraction, step delimiter), the policy's
+    :class:`~pavlit.policy.sampler.Sampler` and a :class:`Reward`; strategies batch across problems.
+    """
 
     @abstractmethod
-    def run(self, problems: Sequence[Problem], budget: int) -> list[Mapping[str, Any]]:
+    def run(
+        self,
+        problems: Sequence[Problem],
+        budget: int,
+        *,
+        task: Task,
+        sampler: Any,
+        reward: Reward | None,
+        seed: int = 0,
+    ) -> list[dict[str, Any]]:
         """Search every problem at ``budget`` (N for best-of-N, beam width B for beam search).
 
-        Returns one mapping per problem with at least ``response`` (the chosen text) and ``tokens``
-        (generated tokens spent).
+        Returns:
+            One dict per problem with at least ``response`` (the chosen text) and ``tokens`` (tokens generated
+            for that problem); pavlit's strategies add ``step_samples``, ``verifier_calls``, ``reward_tokens``
+            and ``picks`` (other selections of the same candidates, name → response, e.g. majority vote).
         """
+
+    def run_budgets(
+        self,
+        problems: Sequence[Problem],
+        budgets: Sequence[int],
+        *,
+        task: Task,
+        sampler: Any,
+        reward: Reward | None,
+        seed: int = 0,
+    ) -> dict[int, list[dict[str, Any]]]:
+        """:meth:`run` at every budget; override to share work (best-of-N draws the largest N once)."""
+        return {
+            budget: self.run(problems, budget, task=task, sampler=sampler, reward=reward, seed=seed)
+            for budget in budgets
+        }
 
 
 INTERFACES: dict[str, type] = {

@@ -1,0 +1,463 @@
+"""``pavlit search``: strategies × budgets × reward compositions over a split, resumable and split across ranks.
+
+The problems are cut into fixed chunks; a unit of work is one (method, chunk), run at every budget of the method
+at once (best-of-N draws its largest N once). Ranks take units round-robin and commit one shard per unit
+atomically (:mod:`pavlit.labeling.shards`): rerunning the same command after a crash skips finished units. Every
+unit is seeded from ``(seed, chunk)`` alone, so all methods start from the same random stream on the same
+problems (paired comparisons), and the results do not depend on the number of ranks or on interruptions.
+
+With ``alpha_sweep``, the named method first runs on the validation split for every α; the α with the highest
+accuracy (mean over the sweep's budgets; the smaller α on ties) is then used on the test split. The test split
+is never used to choose anything.
+
+Output folder::
+
+    job.json, chunk-*.jsonl   per-problem records of the test split (one per method × budget × problem)
+    sweep/                    the α sweep's records (validation split)
+    results.json              settings, every (line, budget) point, the compute-efficiency ratio, the sweep
+    report.md                 the accuracy-vs-compute table, efficiency ratio, α sweep
+    accuracy_vs_compute.png   accuracy vs generated tokens (log-x), one line per method
+    config.yaml               the resolved config
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pavlit.interfaces import SPLITS, Problem, Reward, Search, Task
+from pavlit.labeling.job import LaunchArgs, SamplerArgs
+from pavlit.labeling.mc import phase_seed
+from pavlit.labeling.shards import ShardStore, atomic_write_text, chunks_for_rank
+from pavlit.policy.sources import ModelSource
+from pavlit.search import report
+
+__all__ = ["AlphaSweep", "Efficiency", "Method", "search", "search_command"]
+
+DEFAULT_BUDGETS = (1, 2, 4, 8, 16, 32, 64)
+PLOT_NAME = "accuracy_vs_compute.png"
+
+
+@dataclass
+class Method:
+    """One line of the comparison: a strategy with a reward composition.
+
+    Args:
+        name: The method's label in the table and plot (e.g. ``orm_bon``, ``pav_beam``).
+        search: The strategy (``BestOfN``, ``BeamSearch``, ``DVTS``, or a plugin).
+        reward: The reward composition (``ORMReward``, ``PQVReward``, ``PAVReward``, ``MCReward``, or a plugin);
+            ``None`` only for best-of-N by majority vote.
+        budgets: This method's budgets (default: the job's), e.g. smaller widths for beam search, which spends
+            about C·B step samples per depth.
+    """
+
+    name: str
+    search: Search
+    reward: Reward | None = None
+    budgets: list[int] | None = None
+
+
+@dataclass
+class AlphaSweep:
+    """Choose α on a validation split before the test run (PAPER.md §5: α over [0, 1] in steps of 0.1).
+
+    Args:
+        method: The method whose reward's ``alpha`` is tuned.
+        alphas: The values tried.
+        split: Where they are tried (never the test split).
+        num_problems: Use only the first problems of the split.
+        budgets: Budgets tried per α (default: the method's); the choice maximises the mean accuracy over them.
+        apply_to: Other methods whose reward gets the chosen α too.
+    """
+
+    method: str
+    alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+    split: str = "validation"
+    num_problems: int | None = None
+    budgets: list[int] | None = None
+    apply_to: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.alphas:
+            raise ValueError("AlphaSweep.alphas must not be empty")
+        if self.split not in SPLITS or self.split == "test":
+            raise ValueError(f"AlphaSweep.split must be 'train' or 'validation', got {self.split!r}")
+
+
+@dataclass
+class Efficiency:
+    """Which lines the compute-efficiency ratio compares (method names; a pick as ``name [pick]``).
+
+    Args:
+        baseline: Default: the first best-of-N method with an ``orm`` reward.
+        target: Default: the first beam-search method with a ``pav`` reward.
+    """
+
+    baseline: str | None = None
+    target: str | None = None
+
+
+def search(
+    task: Task,
+    policy: ModelSource,
+    methods: list[Method],
+    output_dir: str = "runs/search",
+    split: str = "test",
+    num_problems: int | None = None,
+    budgets: list[int] = list(DEFAULT_BUDGETS),  # noqa: B006 - jsonargparse needs a literal default
+    max_new_tokens: int = 256,
+    sampler: SamplerArgs | None = None,
+    alpha_sweep: AlphaSweep | None = None,
+    efficiency: Efficiency | None = None,
+    chunk_size: int = 8,
+    seed: int = 0,
+    bootstrap: int = 1000,
+    trainer: LaunchArgs | None = None,
+) -> dict[str, Any]:
+    """Run every method at every budget on a split and write results, report and plot.
+
+    Args:
+        task: The problems and their checker.
+        policy: The base policy π searched over.
+        methods: The lines to compare (names must be unique).
+        output_dir: The run folder; rerunning with the same settings resumes it.
+        split: The split reported on.
+        num_problems: Use only the first ``num_problems`` problems of the split.
+        budgets: N for best-of-N, B for beam search, N for DVTS (a method may override them).
+        max_new_tokens: Cap on a response's tokens (and on one step's, unless a strategy sets its own).
+        sampler: Sampling settings (temperature 1 samples π itself).
+        alpha_sweep: Tune one method's α on validation first.
+        efficiency: The two lines of the compute-efficiency ratio.
+        chunk_size: Problems per unit of work (the unit of resumption and of batching across problems).
+        seed: Seed of every sampling call.
+        bootstrap: Bootstrap resamples for the 95% CIs.
+        trainer: Processes and nodes.
+
+    Returns:
+        The ``results.json`` content (on rank 0; other ranks return their own counts).
+    """
+    sampler = sampler or SamplerArgs()
+    trainer = trainer or LaunchArgs()
+    names = [m.name for m in methods]
+    if not methods:
+        raise ValueError("give at least one method")
+    if len(set(names)) != len(names):
+        raise ValueError(f"method names must be unique, got {names}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    for m in methods:
+        if not (m.budgets or budgets) or min(m.budgets or budgets) < 1:
+            raise ValueError(f"method {m.name!r}: budgets must be >= 1")
+    if alpha_sweep is not None:
+        for name in [alpha_sweep.method, *alpha_sweep.apply_to]:
+            if name not in names:
+                raise ValueError(f"alpha_sweep names method {name!r}, which is not among {names}")
+            if not hasattr(_method(methods, name).reward, "alpha"):
+                raise ValueError(f"method {name!r} has no reward with an alpha to sweep")
+    return _run(
+        task, policy, methods, Path(output_dir), split, num_problems, budgets, max_new_tokens, sampler,
+        alpha_sweep, efficiency or Efficiency(), chunk_size, seed, bootstrap, trainer,
+    )  # fmt: skip
+
+
+def _method(methods: list[Method], name: str) -> Method:
+    return next(m for m in methods if m.name == name)
+
+
+def describe(obj: Any) -> Any:
+    """A JSON description of a configured object: its class and public settings (for fingerprints and reports)."""
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
+    if isinstance(obj, list | tuple):
+        return [describe(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): describe(v) for k, v in obj.items()}
+    if not hasattr(obj, "__dict__"):
+        return repr(obj)
+    out: dict[str, Any] = {"class": f"{type(obj).__module__}.{type(obj).__qualname__}"}
+    for key, value in vars(obj).items():
+        if key.startswith("_"):
+            continue
+        if value is None or isinstance(value, str | int | float | bool | list | tuple | dict):
+            out[key] = describe(value)
+        elif type(value).__repr__ is not object.__repr__:
+            out[key] = repr(value)
+        else:
+            out[key] = f"{type(value).__module__}.{type(value).__qualname__}"
+    return out
+
+
+def _describe_methods(methods: list[Method], budgets: list[int]) -> list[dict[str, Any]]:
+    return [
+        {"name": m.name, "search": describe(m.search), "reward": describe(m.reward), "budgets": m.budgets or budgets}
+        for m in methods
+    ]
+
+
+def _problems(task: Task, split: str, num_problems: int | None) -> list[Problem]:
+    problems = list(task.problems(split))
+    if num_problems is not None:
+        problems = problems[:num_problems]
+    if not problems:
+        raise ValueError(f"the task has no problems in split {split!r}")
+    return problems
+
+
+def _records(
+    method: Method, label: str, budgets: list[int], problems: list[Problem], task: Task, sampler: Any, seed: int
+) -> list[dict[str, Any]]:
+    by_budget = method.search.run_budgets(
+        problems, sorted(budgets), task=task, sampler=sampler, reward=method.reward, seed=seed
+    )
+    records = []
+    for budget in sorted(budgets):
+        for problem, result in zip(problems, by_budget[budget]):
+            response = result["response"]
+            records.append(
+                {
+                    "method": label,
+                    "budget": budget,
+                    "problem_id": problem.id,
+                    "correct": bool(task.score(problem, response) >= 0.5),
+                    "answer": task.extract_answer(response),
+                    "response": response,
+                    "value": result.get("value"),
+                    "tokens": int(result["tokens"]),
+                    "step_samples": int(result.get("step_samples", 0)),
+                    "verifier_calls": int(result.get("verifier_calls", 0)),
+                    "reward_tokens": int(result.get("reward_tokens", 0)),
+                    "candidates": result.get("candidates"),
+                    "picks": {k: bool(task.score(problem, v) >= 0.5) for k, v in (result.get("picks") or {}).items()},
+                }
+            )
+    return records
+
+
+def _work(
+    units: list[tuple[Method, str, list[int], int]],
+    store: ShardStore,
+    problems: list[Problem],
+    chunk_size: int,
+    task: Task,
+    sampler: Any,
+    seed: int,
+    rank: int,
+    world: int,
+    desc: str,
+) -> dict[str, Any]:
+    """Run this rank's units not yet committed; one shard per unit."""
+    todo = [u for u in chunks_for_rank(len(units), rank, world) if not store.is_done(u)]
+    stats = {"units": 0, "problems": 0, "generated_tokens": 0, "reward_tokens": 0, "seconds": 0.0}
+    if not todo:
+        return stats
+    progress = None
+    if rank == 0:
+        from tqdm.auto import tqdm
+
+        done = len(units) - len(todo) if world == 1 else 0
+        note = f" ({done} units already done)" if done else ""
+        progress = tqdm(total=len(todo), desc=f"{desc} rank {rank}/{world}{note}", unit="unit", file=sys.stderr)
+    start = time.perf_counter()
+    for unit in todo:
+        method, label, budgets, chunk = units[unit]
+        chunk_problems = problems[chunk * chunk_size : (chunk + 1) * chunk_size]
+        records = _records(method, label, budgets, chunk_problems, task, sampler, phase_seed(seed, chunk, "search"))
+        store.commit(unit, records)
+        stats["units"] += 1
+        stats["problems"] += len(chunk_problems)
+        stats["generated_tokens"] += sum(r["tokens"] for r in records)
+        stats["reward_tokens"] += sum(r["reward_tokens"] for r in records)
+        if progress is not None:
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            progress.update(1)
+            progress.set_postfix(method=label, tok_s=f"{stats['generated_tokens'] / elapsed:.0f}")
+    stats["seconds"] = time.perf_counter() - start
+    if progress is not None:
+        progress.close()
+    return stats
+
+
+def _run(
+    task, policy, methods, out, split, num_problems, budgets, max_new_tokens, sampler_args, sweep, efficiency,
+    chunk_size, seed, bootstrap, trainer,
+) -> dict[str, Any]:  # fmt: skip
+    import torch
+    from lightning.fabric import Fabric
+
+    from pavlit.policy.sampler import Sampler
+
+    world = trainer.devices * trainer.num_nodes
+    fabric = Fabric(
+        accelerator=trainer.accelerator,
+        devices=trainer.devices,
+        num_nodes=trainer.num_nodes,
+        strategy="ddp" if world > 1 else "auto",
+    )
+    fabric.launch()
+    rank, world = fabric.global_rank, fabric.world_size
+    if fabric.device.type == "cpu" and world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.devices))
+
+    model, tokenizer = policy.load()
+    sampler = Sampler(
+        model.to(fabric.device),
+        tokenizer,
+        temperature=sampler_args.temperature,
+        top_p=sampler_args.top_p,
+        max_new_tokens=max_new_tokens,
+        max_batch=sampler_args.max_batch,
+        delimiter=task.step_delimiter,
+    )
+    common = {
+        "task": describe(task),
+        "policy": describe(policy),
+        "max_new_tokens": max_new_tokens,
+        "sampler": vars(sampler_args),
+        "chunk_size": chunk_size,
+        "seed": seed,
+    }
+    stats: dict[str, Any] = {}
+    sweep_summary = None
+    if sweep is not None:
+        swept = _method(methods, sweep.method)
+        val_problems = _problems(task, sweep.split, sweep.num_problems)
+        sweep_budgets = sweep.budgets or swept.budgets or budgets
+        n_chunks = math.ceil(len(val_problems) / chunk_size)
+        settings = {
+            **common,
+            "split": sweep.split,
+            "num_problems": sweep.num_problems,
+            "method": _describe_methods([swept], sweep_budgets)[0],
+            "alphas": sweep.alphas,
+        }
+        store = ShardStore(out / "sweep", settings)
+        units = []
+        for alpha in sweep.alphas:
+            variant = Method(swept.name, swept.search, _with_alpha(swept.reward, alpha), sweep_budgets)
+            units += [(variant, f"alpha={alpha:g}", sweep_budgets, c) for c in range(n_chunks)]
+        stats["sweep"] = _work(units, store, val_problems, chunk_size, task, sampler, seed, rank, world, "α sweep")
+        fabric.barrier()
+        sweep_summary = _choose_alpha(store, sweep, bootstrap, seed)
+        for name in [sweep.method, *sweep.apply_to]:
+            _method(methods, name).reward.alpha = sweep_summary["chosen"]
+
+    problems = _problems(task, split, num_problems)
+    n_chunks = math.ceil(len(problems) / chunk_size)
+    settings = {**common, "split": split, "num_problems": num_problems, "methods": _describe_methods(methods, budgets)}
+    store = ShardStore(out, settings)
+    units = [(m, m.name, m.budgets or budgets, c) for m in methods for c in range(n_chunks)]
+    stats["test"] = _work(units, store, problems, chunk_size, task, sampler, seed, rank, world, "search")
+    fabric.barrier()
+    if rank != 0:
+        return stats
+
+    points = report.summarise(store.records(), n_resamples=bootstrap, seed=seed)
+    baseline, target = _efficiency_lines(methods, efficiency)
+    lines = {p.line for p in points}
+    eff = report.compute_efficiency(points, baseline, target) if baseline in lines and target in lines else None
+    header = {
+        "task": f"{type(task).__name__} ({split}, {len(problems)} problems)",
+        "policy": describe(policy),
+        "seed": seed,
+        "bootstrap resamples": bootstrap,
+        "methods": ", ".join(f"`{m.name}` = {m.search!r} + {m.reward!r}" for m in methods),
+    }
+    report.plot_accuracy_vs_compute(points, out / PLOT_NAME, title=f"{type(task).__name__}: accuracy vs compute")
+    markdown = report.render_markdown(points, eff, header, sweep_summary, PLOT_NAME)
+    results = {
+        "settings": settings,
+        "points": report.points_as_dicts(points),
+        "efficiency": eff,
+        "alpha_sweep": sweep_summary,
+        "this_run": stats,
+    }
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    atomic_write_text(out / "report.md", markdown)
+    return results
+
+
+def _with_alpha(reward: Reward, alpha: float) -> Reward:
+    import copy
+
+    variant = copy.copy(reward)  # shares loaded verifiers; only alpha differs
+    variant.alpha = float(alpha)
+    return variant
+
+
+def _choose_alpha(store: ShardStore, sweep: AlphaSweep, bootstrap: int, seed: int) -> dict[str, Any]:
+    points = report.summarise(store.records(), n_resamples=bootstrap, seed=seed)
+    rows = []
+    for alpha in sweep.alphas:
+        mine = [p for p in points if p.line == f"alpha={alpha:g}"]
+        if not mine:
+            raise RuntimeError(f"the α sweep has no records for α = {alpha:g}")
+        rows.append(
+            {
+                "alpha": alpha,
+                "accuracy": sum(p.accuracy for p in mine) / len(mine),
+                "ci_low": sum(p.ci_low for p in mine) / len(mine),
+                "ci_high": sum(p.ci_high for p in mine) / len(mine),
+                "by_budget": {p.budget: p.accuracy for p in mine},
+            }
+        )
+    best = max(rows, key=lambda r: (r["accuracy"], -r["alpha"]))
+    return {"method": sweep.method, "split": sweep.split, "alphas": rows, "chosen": best["alpha"]}
+
+
+def _efficiency_lines(methods: list[Method], efficiency: Efficiency) -> tuple[str | None, str | None]:
+    from pavlit.rewards import ORMReward, PAVReward, PQVReward
+    from pavlit.search.best_of_n import BestOfN
+    from pavlit.search.tree import BeamSearch
+
+    baseline, target = efficiency.baseline, efficiency.target
+    if baseline is None:
+        baseline = next(
+            (m.name for m in methods if isinstance(m.search, BestOfN) and isinstance(m.reward, ORMReward)), None
+        )
+    if target is None:
+        target = next(
+            (
+                m.name
+                for m in methods
+                if isinstance(m.search, BeamSearch)
+                and isinstance(m.reward, PAVReward)
+                and not isinstance(m.reward, PQVReward)
+            ),
+            None,
+        )
+    return baseline, target
+
+
+def search_command(argv: list[str]) -> int:
+    """Best-of-N / beam search with reward compositions over a split: accuracy-vs-compute table, plot, efficiency."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from pavlit import registry
+
+    registry.load_all()
+    parser = ArgumentParser(prog="pavlit search", description=search_command.__doc__, parser_mode="yaml")
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML config (see configs/tiny/search.yaml)")
+    parser.add_function_arguments(search, fail_untyped=True)
+    cfg = parser.parse_args(argv)
+    init = parser.instantiate(cfg)
+    kwargs = {k: v for k, v in vars(init).items() if k != "config"}
+    out = Path(kwargs["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = {Path(str(c)).resolve() for c in (cfg.get("config") or []) if c is not None}
+    config_path = out / "config.yaml"
+    if config_path.resolve() in inputs:
+        config_path = out / "config.resolved.yaml"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        atomic_write_text(config_path, parser.dump(cfg, skip_none=False, skip_check=True))
+    results = search(**kwargs)
+    if "points" in results:
+        print((out / "report.md").read_text(encoding="utf-8"))
+    return 0
