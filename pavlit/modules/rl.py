@@ -1,0 +1,494 @@
+"""``PolicyRLModule``: online REINFORCE on the policy's own rollouts with the dense reward ``R + α·Â^μ`` (PAPER.md §6).
+
+``pavlit fit --config configs/tiny/rl.yaml`` pairs it with :class:`pavlit.data.prompts.PromptDataModule`. Every
+training step takes a batch of prompts and
+
+1. samples ``samples_per_prompt`` responses per prompt from the current policy (pavlit's
+   :class:`~pavlit.policy.sampler.Sampler`, eval mode, no grad), scores each with the task's checker (``R``),
+   splits it into steps and asks the injected :class:`~pavlit.rl.AdvantageSource` for ``Q^μ`` of every prefix;
+2. weights every token of step ``h`` with ``w = R + α·Â^μ(s_h, a_h) − b`` (``reward_form="q_mu"``: ``Q^μ(s_h, a_h)``
+   instead of ``Â^μ``, the paper's collapse ablation; no source: α·0, ORM-RL). The baseline ``b`` is a linear
+   value head on the policy's (detached) last hidden state before each token, regressed with a squared loss onto
+   that token's ``R + α·Â^μ``; or the mean outcome of the prompt's other samples (``leave_one_out``); or 0;
+3. minimises ``−Σ w_t log π(a_t)`` (optionally PPO-clipped against the policy that sampled the rollouts, reused for
+   ``ppo_epochs`` steps), plus the value loss, with a KL penalty toward the frozen reference (default: a copy of
+   the initial, RFT, policy): ``k1`` subtracts ``kl_coef·(log π − log π_ref)`` from each token's weight, ``k2`` /
+   ``k3`` add ``kl_coef·mean(k)`` to the loss (:func:`pavlit.rl.kl_penalty`).
+
+Log-probabilities are those of the sampling distribution (logits divided by ``temperature``). Logged per step
+(``train/``): ``accuracy``, ``reward/outcome``, ``reward/process`` (mean ``α·Â^μ`` per step), ``kl``, ``entropy``,
+``advantage`` (mean token weight), ``steps`` and ``tokens`` per response, ``samples`` (rollouts so far), losses.
+Validation samples ``eval_samples`` responses per problem of the datamodule's validation split and logs
+``val/accuracy`` (unbiased pass@1) and ``val/pass@k``; each evaluation is kept in :attr:`PolicyRLModule.history`.
+At the end of training the policy is exported to ``<default_root_dir>/policy`` with ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+
+from pavlit.data.prompts import PromptBatch
+from pavlit.interfaces import Problem, Task
+from pavlit.models.adapters import LoRAArgs, apply_lora
+from pavlit.modules.sft import export_policy, pass_at_k, warmup_cosine
+from pavlit.policy.sampler import Sampler
+from pavlit.policy.sources import ModelSource, TinyPolicy
+from pavlit.rl import (
+    AdvantageSource,
+    KLEstimator,
+    broadcast_to_tokens,
+    effective_step_rewards,
+    kl_penalty,
+    leave_one_out_baseline,
+    masked_mean,
+    policy_gradient_loss,
+    response_step_ends,
+)
+from pavlit.steps import split_steps
+from pavlit.values import advantages as consecutive_differences
+
+__all__ = ["PolicyRLModule", "Rollouts"]
+
+
+@dataclass
+class Rollouts:
+    """One batch of scored rollouts, ``B = prompts × samples_per_prompt`` rows (a prompt's samples adjacent).
+
+    Sequences are ``prompt + response`` right-padded to ``L``; per-token tensors are indexed by response token
+    ``t < T``, and ``positions[b, t]`` is the sequence position whose logits predict response token ``t``.
+    """
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    positions: torch.Tensor  # [B, T]
+    tokens: torch.Tensor  # [B, T] the response token ids
+    token_mask: torch.Tensor  # [B, T]
+    step_ends: torch.Tensor  # [B, H]
+    step_mask: torch.Tensor  # [B, H]
+    outcome: torch.Tensor  # [B]
+    process: torch.Tensor  # [B, H] Â^μ (or Q^μ) of each step, 0 without a source
+    samples_per_prompt: int
+    old_logp: torch.Tensor | None = None  # [B, T] set at the first update on these rollouts
+
+    def to(self, device: torch.device) -> Rollouts:
+        moved = {name: value.to(device) if torch.is_tensor(value) else value for name, value in vars(self).items()}
+        return Rollouts(**moved)
+
+
+class PolicyRLModule(LightningModule):
+    """REINFORCE with dense process rewards from a prover's advantages (PAV-RL), or outcome only (ORM-RL).
+
+    Args:
+        policy: The initial policy (the RFT model; PAPER.md §6).
+        reference: The KL anchor; ``None``: a frozen copy of the initial policy.
+        task: Scores rollouts; ``None``: the datamodule's ``task``.
+        advantages: Source of ``Q^μ`` (``pavlit.rl.PAVAdvantages``, ``pavlit.rl.MCAdvantages``); ``None``: ORM-RL.
+        alpha: Weight of the process term (paper: 5 for a 2B policy, 3 for 9B).
+        reward_form: ``"advantage"`` (``Â^μ``, the method) or ``"q_mu"`` (``Q^μ`` of the step, the failure mode).
+        samples_per_prompt: Rollouts per prompt and step.
+        baseline: ``"value_head"`` (the paper), ``"leave_one_out"`` (mean outcome of the prompt's other samples)
+            or ``"none"``.
+        kl_coef: Weight of the KL penalty toward ``reference`` (paper: 0.001); 0 loads no reference.
+        kl_estimator: ``"k1"`` (in the reward), ``"k2"`` or ``"k3"`` (in the loss); see :func:`pavlit.rl.kl_penalty`.
+        clip: PPO ratio clipping ε (``None``: plain REINFORCE, the paper).
+        ppo_epochs: Optimizer steps per batch of rollouts (the prompt batches that arrive meanwhile are not
+            rolled out); > 1 is where ``clip`` matters.
+        loss_normalization: Divide the policy loss by the batch's response tokens or by its responses.
+        lr: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay on matrices.
+        warmup_steps: Linear warm-up steps, then cosine decay to 0 over the run.
+        temperature: Sampling temperature of the rollouts (> 0).
+        max_new_tokens: Cap on a response's tokens.
+        max_steps: Stop a response after this many steps (``None``: at EOS or ``max_new_tokens``).
+        max_batch: Rows the sampler decodes at once.
+        eval_samples: Responses per validation problem (``val/pass@{eval_samples}``).
+        eval_temperature: Temperature of validation samples.
+        lora: Train LoRA adapters instead of all weights.
+        seed: Seed of the rollouts (each step and rank draws from its own stream).
+        export: Save ``<default_root_dir>/policy`` and ``metrics.json`` when training ends.
+    """
+
+    def __init__(
+        self,
+        policy: ModelSource = TinyPolicy(),  # noqa: B008 - an immutable description, not a model
+        reference: ModelSource | None = None,
+        task: Task | None = None,
+        advantages: AdvantageSource | None = None,
+        alpha: float = 5.0,
+        reward_form: Literal["advantage", "q_mu"] = "advantage",
+        samples_per_prompt: int = 4,
+        baseline: Literal["value_head", "leave_one_out", "none"] = "value_head",
+        kl_coef: float = 0.001,
+        kl_estimator: KLEstimator = "k1",
+        clip: float | None = None,
+        ppo_epochs: int = 1,
+        loss_normalization: Literal["tokens", "responses"] = "tokens",
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        temperature: float = 1.0,
+        max_new_tokens: int = 128,
+        max_steps: int | None = None,
+        max_batch: int = 256,
+        eval_samples: int = 4,
+        eval_temperature: float = 1.0,
+        lora: LoRAArgs = LoRAArgs(),  # noqa: B008
+        seed: int = 0,
+        export: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if reward_form not in ("advantage", "q_mu"):
+            raise ValueError(f"reward_form must be 'advantage' or 'q_mu', got {reward_form!r}")
+        if baseline not in ("value_head", "leave_one_out", "none"):
+            raise ValueError(f"baseline must be 'value_head', 'leave_one_out' or 'none', got {baseline!r}")
+        if baseline == "leave_one_out" and samples_per_prompt < 2:
+            raise ValueError("baseline='leave_one_out' needs samples_per_prompt >= 2")
+        if samples_per_prompt < 1 or ppo_epochs < 1 or eval_samples < 1 or temperature <= 0 or kl_coef < 0:
+            raise ValueError("need samples_per_prompt, ppo_epochs, eval_samples >= 1, temperature > 0, kl_coef >= 0")
+        if clip is not None and clip <= 0:
+            raise ValueError(f"clip must be positive or None, got {clip}")
+        self.task = task
+        self.advantages = advantages
+        model, self.tokenizer = policy.load()
+        if kl_coef > 0:
+            ref_model = reference.load().model if reference is not None else copy.deepcopy(model)
+            self.reference_model = ref_model.eval().requires_grad_(False)
+        else:
+            self.reference_model = None
+        # Loaders return eval-mode models and Lightning keeps submodules' modes, so dropout would stay off.
+        self.model = apply_lora(model, lora).train()
+        self.value_head = torch.nn.Linear(self._hidden_size(), 1) if baseline == "value_head" else None
+        if self.value_head is not None:
+            torch.nn.init.zeros_(self.value_head.weight)  # baseline 0 until it has learnt something
+            torch.nn.init.zeros_(self.value_head.bias)
+        #: One row per evaluation: ``{"step", "samples", "split", "accuracy", "pass@k"}``.
+        self.history: list[dict[str, Any]] = []
+        self.samples_seen = 0
+        self._sampler: Sampler | None = None
+        self._buffer: Rollouts | None = None
+        self._buffer_uses = 0
+        self._eval_sums: list[torch.Tensor] = []
+        #: ``[B, T]`` token weights ``w_t`` of the last :meth:`rollout_loss` call (for inspection and tests).
+        self.last_weights: torch.Tensor | None = None
+
+    def _hidden_size(self) -> int:
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return int(config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits ``[B, L, V]`` and last hidden states ``[B, L, D]``."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True)
+        return out.logits, out.hidden_states[-1]
+
+    # --- training ----------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> torch.Tensor:
+        if self._buffer is None or self._buffer_uses >= self.hparams.ppo_epochs:
+            self._buffer, self._buffer_uses = self.rollouts(batch.problems), 0
+            self.samples_seen += len(self._buffer.outcome) * self.trainer.world_size
+        self._buffer_uses += 1
+        loss, metrics = self.rollout_loss(self._buffer)
+        metrics["samples"] = torch.tensor(float(self.samples_seen))
+        self.log_dict({f"train/{name}": value for name, value in metrics.items()}, batch_size=len(batch))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    @torch.no_grad()
+    def rollouts(self, problems: Sequence[Problem]) -> Rollouts:
+        """Sample ``samples_per_prompt`` responses per problem from the current policy, score them, get ``Q^μ``."""
+        n = self.hparams.samples_per_prompt
+        task = self._task()
+        sampler = self.sampler()
+        seed = self.hparams.seed + 100_003 * (self.global_step + 1) + self.global_rank
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = sampler.complete(
+                [p.prompt for p in problems],
+                n=n,
+                max_new_tokens=self.hparams.max_new_tokens,
+                max_steps=self.hparams.max_steps,
+                temperature=self.hparams.temperature,
+                delimiter=task.step_delimiter,
+                seed=seed,
+            )
+            rows = [
+                (p, text, ids)
+                for p, texts, ids in zip(problems, out.texts, out.token_ids)
+                for text, ids in zip(texts, ids)
+            ]
+            rollout_problems = [p for p, _, _ in rows]
+            steps = [split_steps(text, task.step_delimiter) for _, text, _ in rows]
+            process = self._process_values(rollout_problems, steps, task, sampler, seed)
+        finally:
+            self.model.train(was_training)
+        outcomes = [task.score(p, text) for p, text, _ in rows]
+        return self.build_rollouts(rollout_problems, [ids for _, _, ids in rows], steps, outcomes, process).to(
+            self.device
+        )
+
+    def build_rollouts(
+        self,
+        problems: Sequence[Problem],
+        response_ids: Sequence[Sequence[int]],
+        steps: Sequence[Sequence[str]],
+        outcomes: Sequence[float],
+        process: Sequence[torch.Tensor],
+    ) -> Rollouts:
+        """Tokenise and pad scored rollouts (a prompt's ``samples_per_prompt`` rows adjacent), on the CPU.
+
+        Args:
+            problems: The problem of each rollout.
+            response_ids: The sampled token ids of each response (EOS included when generated).
+            steps: Each response's steps.
+            outcomes: Each rollout's verified outcome ``R``.
+            process: Each rollout's process term per step ``[H]`` (``Â^μ``, ``Q^μ`` or zeros).
+        """
+        prompt_ids = [self.tokenizer(p.prompt, add_special_tokens=True)["input_ids"] for p in problems]
+        ends = [
+            response_step_ends(p.prompt, pids, rids, item, self.tokenizer)
+            for p, pids, rids, item in zip(problems, prompt_ids, response_ids, steps)
+        ]
+        rows, width = len(problems), max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
+        n_tokens = max(max(len(r) for r in response_ids), 1)
+        n_steps = max(max(len(e) for e in ends), 1)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        input_ids = torch.full((rows, width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((rows, width), dtype=torch.long)
+        positions = torch.zeros((rows, n_tokens), dtype=torch.long)
+        tokens = torch.full((rows, n_tokens), pad, dtype=torch.long)
+        token_mask = torch.zeros((rows, n_tokens), dtype=torch.bool)
+        step_ends = torch.zeros((rows, n_steps), dtype=torch.long)
+        step_mask = torch.zeros((rows, n_steps), dtype=torch.bool)
+        process_values = torch.zeros((rows, n_steps))
+        for row, (pids, rids, row_ends, values) in enumerate(zip(prompt_ids, response_ids, ends, process)):
+            sequence = torch.tensor([*pids, *rids], dtype=torch.long)
+            input_ids[row, : len(sequence)] = sequence
+            attention_mask[row, : len(sequence)] = 1
+            positions[row, : len(rids)] = torch.arange(len(rids)) + len(pids) - 1
+            tokens[row, : len(rids)] = torch.tensor(rids, dtype=torch.long)
+            token_mask[row, : len(rids)] = True
+            if not row_ends:  # an empty response: one step owning whatever tokens there are (EOS)
+                row_ends, values = [max(len(rids) - 1, 0)], torch.zeros(1)
+            step_ends[row, : len(row_ends)] = torch.tensor(row_ends)
+            step_mask[row, : len(row_ends)] = True
+            process_values[row, : len(row_ends)] = values.float()
+        return Rollouts(
+            input_ids,
+            attention_mask,
+            positions,
+            tokens,
+            token_mask,
+            step_ends,
+            step_mask,
+            torch.tensor(outcomes, dtype=torch.float32),
+            process_values,
+            self.hparams.samples_per_prompt,
+        )
+
+    def rollout_loss(self, batch: Rollouts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss on scored rollouts and the metrics to log (token weights under ``"weights"``)."""
+        hp = self.hparams
+        logits, hidden = self(batch.input_ids, batch.attention_mask)
+        logp, entropy = self._token_logp(logits, batch, with_entropy=True)
+        mask = batch.token_mask
+        step_rewards = effective_step_rewards(batch.outcome, batch.process, batch.step_mask, hp.alpha)
+        targets = broadcast_to_tokens(step_rewards, batch.step_ends, batch.step_mask, mask)
+        value_loss = torch.zeros((), device=logp.device)
+        if hp.baseline == "value_head":
+            index = batch.positions[..., None].expand(*batch.positions.shape, hidden.shape[-1])
+            values = self.value_head(hidden.detach().gather(1, index).float()).squeeze(-1)
+            value_loss = masked_mean((values - targets) ** 2, mask)
+            baseline = values.detach()
+        elif hp.baseline == "leave_one_out":
+            baseline = leave_one_out_baseline(batch.outcome.view(-1, batch.samples_per_prompt)).view(-1, 1)
+        else:
+            baseline = torch.zeros_like(targets)
+        weights = targets - baseline
+        kl = kl_loss = torch.zeros((), device=logp.device)
+        if self.reference_model is not None:
+            with torch.no_grad():
+                self.reference_model.eval()
+                ref_logits = self.reference_model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                ).logits
+                ref_logp, _ = self._token_logp(ref_logits, batch)
+            kl = masked_mean((logp - ref_logp).detach(), mask)
+            if hp.kl_estimator == "k1":
+                weights = weights - hp.kl_coef * kl_penalty(logp.detach(), ref_logp, "k1")
+            else:
+                kl_loss = hp.kl_coef * masked_mean(kl_penalty(logp, ref_logp, hp.kl_estimator), mask)
+        weights = torch.where(mask, weights, torch.zeros_like(weights))
+        if batch.old_logp is None:
+            batch.old_logp = logp.detach()
+        pg_loss = policy_gradient_loss(logp, weights, mask, batch.old_logp, hp.clip, hp.loss_normalization)
+        loss = pg_loss + value_loss + kl_loss
+        n_steps = batch.step_mask.sum(dim=1).float()
+        metrics = {
+            "loss": loss.detach(),
+            "pg_loss": pg_loss.detach(),
+            "value_loss": value_loss.detach(),
+            "accuracy": batch.outcome.mean(),
+            "reward/outcome": batch.outcome.mean(),
+            "reward/process": hp.alpha * masked_mean(batch.process, batch.step_mask),
+            "kl": kl,
+            "entropy": masked_mean(entropy, mask),
+            "advantage": masked_mean(weights, mask),
+            "steps": n_steps.mean(),
+            "tokens": mask.sum(dim=1).float().mean(),
+        }
+        self.last_weights = weights.detach()
+        return loss, metrics
+
+    def _token_logp(
+        self, logits: torch.Tensor, batch: Rollouts, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[B, T]`` log-probabilities of the response tokens under ``softmax(logits / temperature)`` (+ entropy)."""
+        index = batch.positions[..., None].expand(*batch.positions.shape, logits.shape[-1])
+        log_probs = (logits.gather(1, index).float() / self.hparams.temperature).log_softmax(-1)
+        logp = log_probs.gather(2, batch.tokens[..., None]).squeeze(-1)
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():
+                entropy = -(log_probs.exp() * log_probs).sum(-1)
+        return logp, entropy
+
+    def _process_values(
+        self, problems: Sequence[Problem], steps: Sequence[list[str]], task: Task, sampler: Sampler, seed: int
+    ) -> list[torch.Tensor]:
+        if self.advantages is None:
+            return [torch.zeros(len(item)) for item in steps]
+        q_mu = self.advantages.prefix_values(problems, steps, task=task, sampler=sampler, seed=seed)
+        if self.hparams.reward_form == "q_mu":
+            return [q[1:] for q in q_mu]
+        return [consecutive_differences(q) for q in q_mu]
+
+    # --- validation / test -------------------------------------------------------------------------------------
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    @torch.no_grad()
+    def _evaluate(self, batch: PromptBatch) -> None:
+        if self.trainer.sanity_checking:
+            return
+        k = self.hparams.eval_samples
+        out = self.sampler().complete(
+            [p.prompt for p in batch.problems],
+            n=k,
+            max_new_tokens=self.hparams.max_new_tokens,
+            max_steps=self.hparams.max_steps,
+            temperature=self.hparams.eval_temperature,
+            delimiter=self._task().step_delimiter,
+            seed=self.hparams.seed + 7919 * (len(self._eval_sums) + 1) + self.global_rank,
+        )
+        counts = [sum(self._task().score(p, t) >= 1.0 for t in texts) for p, texts in zip(batch.problems, out.texts)]
+        self._eval_sums.append(
+            torch.tensor(
+                [len(counts), sum(pass_at_k(k, c, 1) for c in counts), sum(pass_at_k(k, c, k) for c in counts)],
+                dtype=torch.float64,
+            )
+        )
+
+    def _log_evaluation(self, prefix: str) -> None:
+        if self.trainer.sanity_checking:
+            return
+        sums = torch.stack(self._eval_sums).sum(0) if self._eval_sums else torch.zeros(3, dtype=torch.float64)
+        self._eval_sums = []
+        total, pass1, passk = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").tolist()
+        if not total:
+            return
+        k = self.hparams.eval_samples
+        self.log(f"{prefix}/accuracy", pass1 / total, prog_bar=True, rank_zero_only=True)
+        self.log(f"{prefix}/pass@{k}", passk / total, rank_zero_only=True)
+        self.history.append(
+            {"step": self.global_step, "samples": self.samples_seen, "split": prefix, "problems": int(total)}
+            | {"accuracy": pass1 / total, f"pass@{k}": passk / total}
+        )
+
+    # --- optimisation and hooks --------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("the cosine schedule needs a finite run: set trainer.max_steps or trainer.max_epochs")
+        trainable = [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("reference")]
+        groups = [
+            {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": self.hparams.weight_decay},
+            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr)
+        warmup = self.hparams.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, int(total)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        self._task()
+        if self.hparams.ppo_epochs > 1 and self.trainer.accumulate_grad_batches > 1:
+            raise ValueError("ppo_epochs > 1 reuses rollouts across optimizer steps; use accumulate_grad_batches=1")
+
+    def on_train_end(self) -> None:
+        if not self.hparams.export or not self.trainer.is_global_zero:
+            return
+        root = Path(self.trainer.default_root_dir or self.trainer.log_dir or ".")
+        paths = export_policy(self.model, self.tokenizer, root)
+        metrics = {
+            name: float(value)
+            for name, value in self.trainer.callback_metrics.items()
+            if name.startswith(("val/", "train/")) and value.numel() == 1
+        }
+        summary = {**metrics, "global_step": self.global_step, "samples": self.samples_seen, **paths}
+        summary["history"] = self.history
+        (root / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.print(f"RL: exported the policy to {paths['policy']}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["pavlit_rl"] = {"samples_seen": self.samples_seen, "history": self.history}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("pavlit_rl", {})
+        self.samples_seen = state.get("samples_seen", 0)
+        self.history = list(state.get("history", []))
+
+    def sampler(self) -> Sampler:
+        """The policy's sampler on the module's device (created on first use; it shares the training weights)."""
+        if self._sampler is None or self._sampler.device != self.device:
+            self._sampler = Sampler(
+                self.model,
+                self.tokenizer,
+                temperature=self.hparams.temperature,
+                max_new_tokens=self.hparams.max_new_tokens,
+                max_batch=self.hparams.max_batch,
+                seed=self.hparams.seed,
+                delimiter=self._task().step_delimiter,
+                device=self.device,
+            )
+            self.model.train(self.training)  # the Sampler switches the model to eval mode
+        return self._sampler
+
+    def _task(self) -> Task:
+        if self.task is None:
+            self.task = getattr(self.trainer.datamodule, "task", None) if self._trainer is not None else None
+            if self.task is None:
+                raise ValueError("PolicyRLModule needs a task: pass task=... or use a datamodule with a .task")
+        return self.task
