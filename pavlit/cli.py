@@ -146,6 +146,13 @@ def _search_command(argv: list[str]) -> int:
     return search_command(argv)
 
 
+def _pipeline_command(argv: list[str]) -> int:
+    """Run every stage (SFT, label, ORM + PAV, search, RL) from one config; finished stages are reused."""
+    from pavlit.pipeline import pipeline_command
+
+    return pipeline_command(argv)
+
+
 COMMANDS: dict[str, Command] = {
     "fit": _lightning_command("fit", "Train a LightningModule on a LightningDataModule from a YAML config."),
     "validate": _lightning_command("validate", "Run one evaluation epoch on the validation split."),
@@ -153,6 +160,7 @@ COMMANDS: dict[str, Command] = {
     "predict": _lightning_command("predict", "Run inference on the predict split."),
     "label": _label_command,
     "search": _search_command,
+    "pipeline": _pipeline_command,
     "plugins": plugins_command,
 }
 

@@ -14,7 +14,7 @@ COMMAND_HEADER = "# pavlit-command:"
 
 def lightning_configs() -> list[Path]:
     """Configs for ``pavlit fit/validate/...``; those headed ``# pavlit-command: <label|search|pipeline>`` belong to
-    other commands, whose own tests parse them."""
+    other commands and are parsed by ``test_command_configs_parse_through_their_command``."""
     return [path for path in CONFIGS if not path.read_text().startswith(COMMAND_HEADER)]
 
 
@@ -62,3 +62,18 @@ def test_gemma2b_recipe_is_the_papers_and_names_the_path_to_set(parse_only):
     source = Pretrained(**vars(model.source.init_args))
     with pytest.raises(FileNotFoundError, match=r"set model\.init_args\.source\.init_args\.path to a local"):
         PAVModule(source=source)
+
+
+COMMAND_CONFIGS = [path for path in CONFIGS if path.read_text().startswith(COMMAND_HEADER)]
+
+
+@pytest.mark.parametrize("path", COMMAND_CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_command_configs_parse_through_their_command(path, capsys):
+    """`# pavlit-command: X` configs parse with `pavlit X --print_config` (a renamed argument fails here)."""
+    from pavlit.cli import main
+
+    command = path.read_text().splitlines()[0].removeprefix(COMMAND_HEADER).strip()
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+    assert capsys.readouterr().out.strip()

@@ -1,0 +1,65 @@
+"""`pavlit pipeline`: stages run in order, finished stages are reused, failures name the stage and its log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from pavlit.cli import main
+
+
+def _write(path: Path, text: str) -> str:
+    make_parent = "p.parent.mkdir(parents=True, exist_ok=True)"
+    return f"import pathlib; p = pathlib.Path({str(path)!r}); {make_parent}; p.write_text({text!r})"
+
+
+def _config(tmp_path: Path, stages: list[dict]) -> Path:
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "stages": stages}))
+    return config
+
+
+def test_stages_run_in_order_and_are_reused_on_rerun(tmp_path, capsys):
+    first = tmp_path / "run" / "a" / "metrics.json"
+    second = tmp_path / "run" / "b" / "report.md"
+    counter = tmp_path / "count.txt"
+    bump = (
+        f"import pathlib; c = pathlib.Path({str(counter)!r}); c.write_text(c.read_text() + 'x' if c.exists() else 'x')"
+    )
+    stages = [
+        {"name": "a", "command": ["python", "-c", _write(first, json.dumps({"accuracy": 0.5}))], "output": str(first)},
+        {
+            "name": "b",
+            "command": ["python", "-c", f"{bump}; " + _write(second, "# B\n\n![plot](plot.png)\n")],
+            "output": str(second),
+        },
+    ]
+    config = _config(tmp_path, stages)
+    assert main(["pipeline", "--config", str(config)]) == 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert '"accuracy": 0.5' in report and "## b" in report
+    assert "![plot](b/plot.png)" in report  # stage reports' image links re-anchored to the combined report
+    assert counter.read_text() == "x"
+    assert main(["pipeline", "--config", str(config)]) == 0
+    assert counter.read_text() == "x"  # stage b was finished: not run again
+    assert "done already" in capsys.readouterr().out
+
+
+def test_a_failing_stage_stops_the_pipeline_naming_its_log(tmp_path, capsys):
+    never = tmp_path / "never.txt"
+    stages = [
+        {"name": "broken", "command": ["python", "-c", "raise SystemExit(3)"], "output": str(tmp_path / "x")},
+        {"name": "after", "command": ["python", "-c", _write(never, "ran")], "output": str(never)},
+    ]
+    assert main(["pipeline", "--config", str(_config(tmp_path, stages))]) == 1
+    err = capsys.readouterr().err
+    assert "stage 'broken' failed (exit 3)" in err and "broken.log" in err
+    assert not never.exists()
+
+
+def test_a_stage_that_writes_no_output_is_an_error(tmp_path, capsys):
+    stages = [{"name": "silent", "command": ["python", "-c", "pass"], "output": str(tmp_path / "missing.json")}]
+    assert main(["pipeline", "--config", str(_config(tmp_path, stages))]) == 1
+    assert "did not write" in capsys.readouterr().err
