@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -42,10 +43,21 @@ def test_there_are_configs_to_check():
     assert {"tiny/pav.yaml", "tiny/orm.yaml", "pav_gemma3_270m.yaml", "pav_gemma2b.yaml"} <= names
 
 
+def config_args(path: Path) -> list[str]:
+    """``--config`` arguments that load ``path``: an overlay documents its base in its usage line
+    (``pavlit fit --config base.yaml --config overlay.yaml``) and is parsed on top of it."""
+    relative = path.relative_to(REPO).as_posix()
+    for line in path.read_text().splitlines():
+        found = re.search(r"pavlit fit --config (\S+) --config " + re.escape(relative) + r"\b", line)
+        if found:
+            return ["--config", str(REPO / found.group(1)), "--config", str(path)]
+    return ["--config", str(path)]
+
+
 @pytest.mark.parametrize("path", lightning_configs(), ids=lambda p: p.relative_to(REPO / "configs").as_posix())
 def test_config_parses_through_the_cli(parse_only, path):
-    cli = parse_only(args=["--config", str(path)], run=False)
-    assert cli.config.model.class_path and cli.config.data.class_path
+    cli = parse_only(args=config_args(path), run=False)
+    assert cli.config.model.class_path  # data may be absent: some modules make their own (didactic RL)
 
 
 def test_gemma2b_recipe_is_the_papers_and_names_the_path_to_set(parse_only):
