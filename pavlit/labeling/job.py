@@ -281,25 +281,9 @@ def _summarise(store: ShardStore, rollout_store: ShardStore, n_problems: int, st
 
 def label_command(argv: list[str]) -> int:
     """Sample seed rollouts and label every step prefix by Monte-Carlo rollouts (resumable, multi-rank)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from pavlit.commands import parse_job
 
-    from pavlit import registry
-
-    registry.load_all()
-    parser = ArgumentParser(prog="pavlit label", description=label_command.__doc__, parser_mode="yaml")
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML config (see configs/tiny/label.yaml)")
-    parser.add_function_arguments(label, fail_untyped=True)
-    cfg = parser.parse_args(argv)
-    init = parser.instantiate_classes(cfg)
-    kwargs = {k: v for k, v in vars(init).items() if k != "config"}
-    out = Path(kwargs["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    inputs = {Path(str(c)).resolve() for c in (cfg.get("config") or []) if c is not None}
-    config_path = out / "config.yaml"
-    if config_path.resolve() in inputs:
-        config_path = out / "config.resolved.yaml"
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
-        atomic_write_text(config_path, parser.dump(cfg, skip_none=False, skip_check=True))
+    kwargs = parse_job("pavlit label", label, argv, "configs/tiny/label.yaml")
     summary = label(**kwargs)
     if "records" in summary:
         print(json.dumps({k: v for k, v in summary.items() if k != "q_mc_histogram_deciles"}, indent=2))

@@ -438,25 +438,10 @@ def _efficiency_lines(methods: list[Method], efficiency: Efficiency) -> tuple[st
 
 def search_command(argv: list[str]) -> int:
     """Best-of-N / beam search with reward compositions over a split: accuracy-vs-compute table, plot, efficiency."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from pavlit.commands import parse_job
 
-    from pavlit import registry
-
-    registry.load_all()
-    parser = ArgumentParser(prog="pavlit search", description=search_command.__doc__, parser_mode="yaml")
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML config (see configs/tiny/search.yaml)")
-    parser.add_function_arguments(search, fail_untyped=True)
-    cfg = parser.parse_args(argv)
-    init = parser.instantiate(cfg)
-    kwargs = {k: v for k, v in vars(init).items() if k != "config"}
+    kwargs = parse_job("pavlit search", search, argv, "configs/tiny/search.yaml")
     out = Path(kwargs["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    inputs = {Path(str(c)).resolve() for c in (cfg.get("config") or []) if c is not None}
-    config_path = out / "config.yaml"
-    if config_path.resolve() in inputs:
-        config_path = out / "config.resolved.yaml"
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
-        atomic_write_text(config_path, parser.dump(cfg, skip_none=False, skip_check=True))
     results = search(**kwargs)
     if "points" in results:
         print((out / "report.md").read_text(encoding="utf-8"))
