@@ -168,13 +168,15 @@ def test_q_and_advantages_with_best_of_k(pav):
 
     class Recorder(BestOfK):
         seen = None
+        prompts = None
 
-        def q_values(self, q, prefixes=None):
-            Recorder.seen = prefixes
-            return super().q_values(q, prefixes)
+        def q_values(self, q, prefixes=None, prompts=None):
+            Recorder.seen, Recorder.prompts = prefixes, prompts
+            return super().q_values(q, prefixes, prompts)
 
     pav.q_and_advantages(["Qa:", "Qb:"], steps, Recorder(1))
     assert Recorder.seen == [[], [GOOD], [GOOD, BAD], [GOOD, BAD, GOOD], [], [BAD]]
+    assert Recorder.prompts == ["Qa:"] * 4 + ["Qb:"] * 2
 
 
 def test_pav_learns_to_beat_the_constant_mean(labels_dir, tmp_path):
