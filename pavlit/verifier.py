@@ -187,7 +187,9 @@ def load_backbone(source: ModelSource, lora: LoRAArgs, quant: QuantArgs) -> tupl
 
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
-    return apply_lora(model, lora, quant), tokenizer
+    # Loaders hand models back in eval mode and Lightning keeps submodules' modes: without this, dropout of a
+    # pretrained backbone would stay off during training.
+    return apply_lora(model, lora, quant).train(), tokenizer
 
 
 def build_head(head_type: str, hidden_size: int, tokenizer: Any, score_token: str | None) -> nn.Module:
