@@ -11,6 +11,7 @@ python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0          # the CPU wheel first; no dependency may pull another torch
 python -m pip install -q -e ".[dev,quant]"
 
-[ -f runs/tiny/sft/policy/config.json ] || pavlit fit --config configs/tiny/sft.yaml
-pavlit label --config configs/tiny/label.yaml    # resumes: finished chunks are skipped
-echo "done: policy in runs/tiny/sft/policy, labels in runs/tiny/labels (see metrics.json in each)"
+# Tiny models run fastest on one intra-op thread per process when cores are shared.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+pavlit pipeline --config configs/tiny/pipeline.yaml   # SFT -> label -> ORM + PAV -> search -> RL; resumes
+echo "done: the combined report is runs/tiny/report.md"
