@@ -482,13 +482,36 @@ def full_state_dict(module: nn.Module, strategy: Any) -> dict[str, torch.Tensor]
     return None
 
 
+def restore_best_checkpoint(module: Any) -> dict[str, Any] | None:
+    """Load the weights of the best checkpoint a monitoring ``ModelCheckpoint`` kept, if there is one.
+
+    Verifiers trained on small label sets overfit; exporting the last step's weights would ship the overfit
+    model. With a ``ModelCheckpoint(monitor=...)`` in the trainer's callbacks the export uses its best checkpoint
+    instead (read with ``weights_only=True``). Sharded (FSDP) modules keep their final weights.
+
+    Returns:
+        ``{"checkpoint", "monitor", "score"}`` of what was restored, or ``None``.
+    """
+    callback = getattr(module.trainer, "checkpoint_callback", None)
+    path = getattr(callback, "best_model_path", "") if getattr(callback, "monitor", None) else ""
+    if not path or is_sharded(module):
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(checkpoint["state_dict"])
+    score = callback.best_model_score
+    return {"checkpoint": str(path), "monitor": callback.monitor, "score": None if score is None else float(score)}
+
+
 def export_on_train_end(module: Any, kind: str) -> Path | None:
     """Write ``<default_root_dir>/verifier`` (:func:`save_verifier`) and ``<default_root_dir>/metrics.json``.
 
-    ``metrics.json`` holds the last logged metrics (``trainer.callback_metrics``) and the DataModule's ``stats``.
-    Every rank must call this (gathering a sharded model is collective); rank 0 writes.
+    ``metrics.json`` holds the last logged metrics (``trainer.callback_metrics``), the DataModule's ``stats`` and,
+    when a monitoring checkpoint callback kept a best checkpoint, which one was exported
+    (:func:`restore_best_checkpoint`). Every rank must call this (gathering a sharded model is collective);
+    rank 0 writes.
     """
     trainer = module.trainer
+    best = restore_best_checkpoint(module)
     state = full_state_dict(module, trainer.strategy)
     out = Path(trainer.default_root_dir) / "verifier"
     if trainer.is_global_zero:
@@ -496,6 +519,7 @@ def export_on_train_end(module: Any, kind: str) -> Path | None:
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
         stats = dict(getattr(trainer.datamodule, "stats", {}) or {})
         payload = {"kind": kind, "metrics": metrics, "data": stats, "global_step": trainer.global_step}
+        payload["exported"] = best or {"checkpoint": "last step"}
         (Path(trainer.default_root_dir) / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
         log.info("exported the %s verifier to %s", kind, out)
     trainer.strategy.barrier()

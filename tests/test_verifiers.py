@@ -448,3 +448,28 @@ def test_fsdp2_sharded_training_on_cpu(labels_dir, tmp_path):
             print("OK", len(changed))
     """
     assert "OK" in run_python(code, tmp_path).stdout
+
+
+def test_export_uses_the_best_monitored_checkpoint_not_the_last_step(labels_dir, tmp_path):
+    """With ModelCheckpoint(monitor="val/bce"), the exported verifier is the best validation checkpoint."""
+    L.seed_everything(0)
+    module = PAVModule(source=tiny(), lr=2.0, warmup_steps=0, export=True)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/bce", mode="min", save_top_k=1)
+    fit = trainer(
+        tmp_path,
+        max_steps=10,
+        val_check_interval=2,
+        limit_val_batches=1,
+        enable_checkpointing=True,
+        callbacks=[checkpoint],
+    )
+    fit.fit(module, StepLabelDataModule(str(labels_dir), batch_size=8))
+    best_checkpoint = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+    assert best_checkpoint["global_step"] < fit.global_step, "the scenario needs a best step before the last one"
+    best = best_checkpoint["state_dict"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["exported"]["checkpoint"] == checkpoint.best_model_path
+    assert metrics["exported"]["score"] == pytest.approx(float(checkpoint.best_model_score))
+    exported = PAVModule.from_pretrained(tmp_path / "verifier")
+    for name, value in exported.value_head.state_dict().items():
+        assert torch.equal(value, best[f"value_head.{name}"])
