@@ -274,3 +274,15 @@ def test_builtins_are_declared_in_pavlits_own_pyproject():
     }
     listed = {(p.kind, p.name, p.target) for p in registry.list_plugins() if p.builtin}
     assert listed == declared, "installed entry points are stale: run `pip install -e . --no-deps` again"
+
+
+def test_public_api_resolves_lazily_without_importing_torch_up_front():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pavlit; assert 'torch' not in sys.modules; "
+        "[getattr(pavlit, name) for name in pavlit.__all__]; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
