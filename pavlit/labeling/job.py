@@ -70,6 +70,27 @@ class LaunchArgs:
     devices: int = 1
     num_nodes: int = 1
 
+    def launch(self) -> Any:
+        """Start the job's processes with Lightning Fabric and return this process's ``Fabric``.
+
+        On CPU with several processes per node, each gets an equal share of the cores as torch threads
+        (spinning OpenMP threads that outnumber the cores slow small models down by an order of magnitude).
+        """
+        import torch
+        from lightning.fabric import Fabric
+
+        world = self.devices * self.num_nodes
+        fabric = Fabric(
+            accelerator=self.accelerator,
+            devices=self.devices,
+            num_nodes=self.num_nodes,
+            strategy="ddp" if world > 1 else "auto",
+        )
+        fabric.launch()
+        if fabric.device.type == "cpu" and fabric.world_size > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.devices))
+        return fabric
+
 
 def label(
     task: Task,
@@ -163,22 +184,10 @@ def _jsonable(value: Any) -> bool:
 def _run(
     task, policy, out, split, num_problems, label_args, sampler_args, provers, chunk_size, seed, trainer, settings
 ) -> dict[str, Any]:
-    import torch
-    from lightning.fabric import Fabric
-
     from pavlit.policy.sampler import Sampler
 
-    world = trainer.devices * trainer.num_nodes
-    fabric = Fabric(
-        accelerator=trainer.accelerator,
-        devices=trainer.devices,
-        num_nodes=trainer.num_nodes,
-        strategy="ddp" if world > 1 else "auto",
-    )
-    fabric.launch()
+    fabric = trainer.launch()
     rank, world = fabric.global_rank, fabric.world_size
-    if fabric.device.type == "cpu" and world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.devices))
 
     problems = list(task.problems(split))
     if num_problems is not None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -289,22 +288,11 @@ def _run(
     task, policy, methods, out, split, num_problems, budgets, max_new_tokens, sampler_args, sweep, efficiency,
     chunk_size, seed, bootstrap, trainer,
 ) -> dict[str, Any]:  # fmt: skip
-    import torch
-    from lightning.fabric import Fabric
 
     from pavlit.policy.sampler import Sampler
 
-    world = trainer.devices * trainer.num_nodes
-    fabric = Fabric(
-        accelerator=trainer.accelerator,
-        devices=trainer.devices,
-        num_nodes=trainer.num_nodes,
-        strategy="ddp" if world > 1 else "auto",
-    )
-    fabric.launch()
+    fabric = trainer.launch()
     rank, world = fabric.global_rank, fabric.world_size
-    if fabric.device.type == "cpu" and world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.devices))
 
     model, tokenizer = policy.load()
     sampler = Sampler(
