@@ -7,6 +7,10 @@ one entry in :data:`COMMANDS`, and its docstring's first line is its line in ``p
 Lightning takes seconds to import, so this module imports it only when a Lightning subcommand runs (or when
 :class:`PavlitCLI` is first used): ``pavlit --help`` and ``pavlit plugins`` do not pay for it.
 
+Errors: input a user can fix (a malformed file, a missing path, a bad setting, a broken plugin, a NaN loss)
+ends the command with one line, ``pavlit <command>: error: <what, where, what was expected>``, and exit status 1;
+``PAVLIT_TRACEBACK=1`` shows the full traceback instead. Other exceptions are bugs and keep their traceback.
+
 Run folders: unless ``--trainer.default_root_dir`` is given, every Lightning run writes its logs,
 checkpoints and resolved ``config.yaml`` into ``runs/<command>/<timestamp>`` (or ``$PAVLIT_RUN_DIR``),
 never into the working directory, where saving the config could overwrite an input file of that name.
@@ -37,6 +41,18 @@ Command = Callable[[list[str]], "int | None"]
 
 RUN_DIR_ENV = "PAVLIT_RUN_DIR"
 RUNS_ROOT = "runs"
+TRACEBACK_ENV = "PAVLIT_TRACEBACK"
+
+#: Exceptions that report input a user can fix; pavlit's own readers and settings raise these with messages that
+#: name the file, line or field and what was expected. ``FloatingPointError`` is :class:`pavlit.callbacks.FiniteGuard`
+#: stopping a run on a NaN loss.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    OSError,
+    ImportError,
+    FloatingPointError,
+    registry.PluginError,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: The arguments after the program name; ``None`` reads ``sys.argv[1:]``.
 
     Returns:
-        The exit status (LightningCLI and argparse exit through ``SystemExit`` on ``--help`` and bad arguments).
+        The exit status: 1 after one of :data:`USER_ERRORS`, reported on stderr as one line (LightningCLI and
+        argparse exit through ``SystemExit``, status 2, on bad arguments and 0 on ``--help``).
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
@@ -64,7 +81,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         print(f"pavlit: error: unknown command {args[0]!r}{hint}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return command(args[1:]) or 0
+    try:
+        return command(args[1:]) or 0
+    except USER_ERRORS as err:
+        if os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no"):
+            raise
+        print(f"pavlit {args[0]}: error: {_error_text(err)}", file=sys.stderr)
+        print(f"(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
+        return 1
+
+
+def _error_text(err: BaseException) -> str:
+    text = str(err).strip()
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    # A bare message from a library (e.g. "math domain error") says little without its type.
+    return text if text and isinstance(err, (OSError, registry.PluginError)) else f"{type(err).__name__}: {text}"
 
 
 def plugins_command(argv: list[str]) -> int:
@@ -224,6 +256,8 @@ def _lightning_classes() -> dict[str, type]:
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
     from lightning.pytorch.utilities import rank_zero_warn
 
+    from pavlit.callbacks import FiniteGuard
+
     # pavlit's docstrings are Google style (STYLE.md); naming the style skips docstring_parser's guessing.
     set_parsing_settings(docstring_parse_style=DocstringStyle.GOOGLE)
 
@@ -253,6 +287,10 @@ def _lightning_classes() -> dict[str, type]:
         Before parsing, every registered plugin is imported (:func:`pavlit.registry.load_all`), so a YAML can
         select one by short class name (``class_path: TemperedProver``). Unless ``trainer.default_root_dir``
         is given, the run writes into :func:`default_run_dir`, and the resolved config is saved there.
+
+        Every run gets a :class:`~pavlit.callbacks.FiniteGuard` (stop on a NaN/inf loss or gradient), set with
+        ``--finite_guard.*``: ``--finite_guard.enabled false`` turns it off, and a ``FiniteGuard`` listed in
+        ``trainer.callbacks`` takes the default one's place.
 
         Args:
             model_class: A LightningModule class (``None``: any, chosen with ``--model`` / ``model.class_path``).
@@ -289,6 +327,18 @@ def _lightning_classes() -> dict[str, type]:
                     subclass_mode_data=subclass_mode_data,
                     **kwargs,
                 )
+
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.add_lightning_class_args(FiniteGuard, "finite_guard")
+
+        def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+            trainer = super().instantiate_trainer(**kwargs)
+            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            default = config.get("finite_guard")
+            guards = [c for c in trainer.callbacks if isinstance(c, FiniteGuard)]
+            if default is not None and (not default.enabled or len(guards) > 1):
+                trainer.callbacks = [c for c in trainer.callbacks if c is not default]
+            return trainer
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config

@@ -56,6 +56,7 @@ __all__ = [
     "group_rollouts",
     "iter_records",
     "is_validation_problem",
+    "pad_id_of",
     "truncate_at_step",
 ]
 
@@ -89,7 +90,25 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
             else:
                 yield from _jsonl_records(file)
         return
+    if source.is_dir():
+        if not any(source.iterdir()):
+            raise FileNotFoundError(
+                f"cannot read a step-label dataset from {str(path)!r}: the folder is empty (expected chunk-*.jsonl, "
+                "*.jsonl or *.parquet files)"
+            )
+    elif _looks_like_a_path(str(path)):
+        raise FileNotFoundError(
+            f"cannot read a step-label dataset from {str(path)!r}: no such file or folder (expected a `pavlit label` "
+            "output folder, or *.jsonl / *.parquet files)"
+        )
     yield from _hf_records(str(path), source)
+
+
+def _looks_like_a_path(name: str) -> bool:
+    # A dataset name for `datasets` is "name" or "owner/name"; anything else that does not exist is a missing path,
+    # reported as such without asking `datasets` (which would look for it on the Hub).
+    has_data_suffix = Path(name).suffix in (".jsonl", ".json", ".parquet")
+    return name.startswith(("/", ".", "~")) or has_data_suffix or name.count("/") > 1
 
 
 def _jsonl_records(file: Path) -> Iterator[tuple[str, Any]]:
@@ -108,10 +127,17 @@ def _parquet_records(file: Path) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
     row = 0
-    for batch in pq.ParquetFile(file).iter_batches():
-        for record in batch.to_pylist():
-            yield f"{file}:row {row}", record
-            row += 1
+    try:
+        parquet = pq.ParquetFile(file)
+        batches = parquet.iter_batches()
+        for batch in batches:
+            for record in batch.to_pylist():
+                yield f"{file}:row {row}", record
+                row += 1
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid / ArrowIOError derive from these
+        raise ValueError(
+            f"{file}: cannot read it as Parquet after {row} rows ({err}); is the file truncated or not Parquet?"
+        ) from None
 
 
 def _hf_records(name: str, folder: Path) -> Iterator[tuple[str, Any]]:
@@ -163,8 +189,14 @@ class BadRecords:
             log.warning("skipped %d bad %ss; first: %s", self.count, self.what, "; ".join(self.first))
 
 
-def valid_step_records(path: str | Path, bad: BadRecords) -> list[tuple[str, dict[str, Any]]]:
-    """The records of ``path`` that meet the step-label contract (others go to ``bad``)."""
+def valid_step_records(
+    path: str | Path, bad: BadRecords, step_delimiter: str | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """The records of ``path`` that meet the step-label contract (others go to ``bad``).
+
+    With ``step_delimiter``, every step but a record's last must end with it: a step that does not was not cut
+    where inference cuts, so its label would sit on a token that search and RL never score.
+    """
     records = []
     for where, record in iter_records(path):
         if isinstance(record, str):
@@ -181,6 +213,16 @@ def valid_step_records(path: str | Path, bad: BadRecords) -> list[tuple[str, dic
         if not 0.0 <= float(record["seed_outcome"]) <= 1.0:
             bad(where, f"seed_outcome must be in [0, 1], got {record['seed_outcome']}")
             continue
+        if step_delimiter:
+            cut = next((h for h, step in enumerate(record["steps"][:-1]) if not step.endswith(step_delimiter)), None)
+            if cut is not None:
+                bad(
+                    where,
+                    f"field 'steps': step {cut} ({record['steps'][cut]!r}) does not end with the step delimiter "
+                    f"{step_delimiter!r}; every step but the last must (set data.init_args.step_delimiter to the "
+                    "task's delimiter)",
+                )
+                continue
         records.append((where, record))
     return records
 
@@ -418,6 +460,8 @@ class StepLabelDataModule(LightningDataModule):
             Q-model); None accepts the dataset's only policy and refuses a mix.
         seed: Seeds the problem split and the shuffling.
         num_workers: DataLoader worker processes.
+        step_delimiter: The task's step delimiter: every step of a record but the last must end with it (a bad
+            record otherwise); ``None`` skips the check.
     """
 
     def __init__(
@@ -432,6 +476,7 @@ class StepLabelDataModule(LightningDataModule):
         policy: str | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        step_delimiter: str | None = "\n",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -450,6 +495,7 @@ class StepLabelDataModule(LightningDataModule):
         self.policy = policy
         self.seed = seed
         self.num_workers = num_workers
+        self.step_delimiter = step_delimiter
         self.tokenizer: Any = None
         self.train_examples: list[StepExample] = []
         self.val_examples: list[StepExample] = []
@@ -473,10 +519,16 @@ class StepLabelDataModule(LightningDataModule):
 
     def prepare(self, tokenizer: Any) -> None:
         """Build the train and validation examples with ``tokenizer`` (``setup`` without a trainer)."""
+        pad_id_of(tokenizer)  # a tokenizer that cannot pad is refused before reading any data
         self.tokenizer = tokenizer
         bad = BadRecords(self.on_bad_record, "step-label record")
-        records = valid_step_records(self.path, bad)
+        records = valid_step_records(self.path, bad, self.step_delimiter)
         self.stats["records"] = len(records) + bad.count
+        if not self.stats["records"]:
+            raise ValueError(
+                f"{self.path}: holds no step-label records (empty files?); expected `pavlit label` output or JSONL / "
+                "Parquet rows of the step-label contract (README, Data format)"
+            )
         records = self._filter_policy(records)
         rollouts, group_stats = group_rollouts(records, bad, self.dedupe)
         self.stats.update(group_stats)
@@ -584,5 +636,16 @@ class StepLabelDataModule(LightningDataModule):
         )
 
     def _pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+        return pad_id_of(self.tokenizer)
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its eos (padding is masked out either way)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"the tokenizer {name!r} has neither a pad nor an eos token, so batches cannot be padded; set "
+            "tokenizer.pad_token (e.g. to an existing special token) before training"
+        )
+    return int(pad)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pavlit.interfaces import SPLITS, Task
+from pavlit.interfaces import SPLITS, Problem, Task
 from pavlit.labeling.mc import LabelArgs, label_chunk
 from pavlit.labeling.records import to_trl_prm
 from pavlit.labeling.shards import ShardStore, atomic_write_text, chunks_for_rank
@@ -131,6 +131,11 @@ def label(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not isinstance(task.step_delimiter, str) or not task.step_delimiter:
+        raise ValueError(
+            f"task {type(task).__qualname__} has step_delimiter {task.step_delimiter!r}; a task must set a non-empty "
+            "string that ends each step (e.g. '\\n')"
+        )
     settings = _settings(task, policy, split, num_problems, label, sampler, provers, chunk_size, seed)
     return _run(
         task,
@@ -214,6 +219,7 @@ def _run(
     stats = {"chunks": 0, "problems": 0, "prefixes": 0, "completions": 0, "generated_tokens": 0}
     if todo:
         pi = make_sampler(policy)
+        check_prompts_fit(problems, pi.model, pi.tokenizer)
         prover_samplers = {name: make_sampler(source) for name, source in provers.items()}
         progress = _progress(len(todo), rank, world, n_chunks - len(todo) if world == 1 else None)
         start = time.perf_counter()
@@ -247,6 +253,27 @@ def _run(
     atomic_write_text(out / "trl_prm.jsonl", "".join(json.dumps(r) + "\n" for r in to_trl_prm(store.records())))
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def check_prompts_fit(problems: list[Problem], model: Any, tokenizer: Any) -> None:
+    """Refuse problems whose prompt alone fills the policy's context (``max_position_embeddings``).
+
+    Sampling past the positions a model was built for fails deep inside the model (learned positions) or, worse,
+    silently produces garbage (rotary positions), which would become wrong labels.
+    """
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not limit:
+        return
+    for problem in problems:
+        n_tokens = len(tokenizer(problem.prompt)["input_ids"])
+        if n_tokens >= limit:
+            source = (problem.metadata or {}).get("source")
+            where = f" (from {source})" if source else ""
+            raise ValueError(
+                f"problem {problem.id!r}{where}: its prompt is {n_tokens} tokens, but the policy's context holds "
+                f"{limit} positions (max_position_embeddings), leaving no room for a step; shorten or drop the "
+                "problem, or use a policy with a longer context"
+            )
 
 
 def _progress(total: int, rank: int, world: int, already: int | None):

@@ -63,7 +63,15 @@ class ShardStore:
     def _check_fingerprint(self) -> None:
         path = self.root / FINGERPRINT_FILE
         if path.exists():
-            stored = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                stored = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{path}: not valid JSON ({err.msg}); this file records which settings made the shards beside it "
+                    "— delete the folder to start over, or restore the file"
+                ) from None
+            if not isinstance(stored, dict):
+                raise ValueError(f"{path}: expected a JSON object with 'fingerprint' and 'settings'")
             if stored.get("fingerprint") != self.fingerprint:
                 changed = sorted(
                     k

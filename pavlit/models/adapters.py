@@ -325,7 +325,9 @@ def load_quantized(
         model_class = AutoModelForCausalLM
     kwargs = from_pretrained_kwargs(quant, device=device, dtype=dtype, skip_modules=skip_modules)
     kwargs.update(from_pretrained)
-    model = model_class.from_pretrained(str(path), **kwargs)
+    kwargs.pop("local_files_only", None)
+    # A folder, never a Hub name: nothing is downloaded, so no remote code can arrive.
+    model = model_class.from_pretrained(str(path), local_files_only=True, **kwargs)
     if quant.enabled:
         log.info("Loaded %s with %s quantization (%d-bit)", path, quant.mode, quant.bits)
     return model

@@ -13,6 +13,7 @@ Responses are scored by extracting their final answer in the same ``style`` and 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -95,6 +96,9 @@ class JsonlTask(Task):
         problems: list[Problem] = []
         ids: dict[str, str] = {}
         for path in paths:
+            if not os.path.isfile(path):
+                what = "a directory" if os.path.isdir(path) else "no such file"
+                raise FileNotFoundError(f"JsonlTask {split}_path: {path!r} is {what}; expected a JSON Lines file")
             n_rows = 0
             with open(path, encoding="utf-8") as handle:
                 for line_number, line in enumerate(handle, start=1):
