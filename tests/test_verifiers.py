@@ -24,12 +24,15 @@ from pavlit.modules.orm import ORMModule
 from pavlit.modules.pav import PAVModule
 from pavlit.policy.sources import Pretrained, TinyPolicy
 from pavlit.provers.best_of_k import BestOfK
+from pavlit.steps import pad_step_batch, step_end_token_indices
 from pavlit.values import best_of_k
 from pavlit.verifier import (
     ConstantBaseline,
     SoftCalibrationError,
     balance_weights,
+    likelihood_features,
     masked_bce_with_logits,
+    token_logprobs,
     warmup_cosine,
 )
 
@@ -157,6 +160,63 @@ def test_score_prefixes_scores_every_prefix_in_one_pass(pav):
     assert torch.allclose(manual, scores[0], atol=1e-6)
     # Causal: a prefix's value does not depend on the steps after it.
     assert torch.allclose(pav.score_prefixes(["Qa:"], [[GOOD, BAD]])[0], scores[0][:3], atol=1e-6)
+
+
+def test_likelihood_features_match_a_per_token_loop(pav):
+    prompts, steps = ["Qa:", "Qbb:"], [[GOOD, BAD, GOOD], [BAD]]
+    batch = pad_step_batch([step_end_token_indices(p, s, pav.tokenizer) for p, s in zip(prompts, steps)], 0)
+    with torch.no_grad():
+        hidden = pav.backbone.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        hidden = hidden.last_hidden_state
+        full = torch.log_softmax(pav.backbone(input_ids=batch.input_ids).logits.float(), -1)
+    # Sliced projection (2 positions at a time here) equals one full log-softmax.
+    sliced = token_logprobs(pav.backbone, hidden, batch.input_ids, max_values=2 * 2 * full.shape[-1])
+    reference = full[:, :-1].gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    assert torch.allclose(sliced[:, 1:], reference, atol=1e-5) and (sliced[:, 0] == 0).all()
+    features = likelihood_features(pav.backbone, hidden, batch.input_ids, batch.prefix_positions, batch.prompt_end)
+    assert features.shape == (2, 4, 4)
+    for row in range(2):
+        ends = batch.prefix_positions[row].tolist()
+        start = int(batch.prompt_end[row])
+        for k in range(len(steps[row]) + 1):
+            prefix = sliced[row, start + 1 : ends[k] + 1]
+            last = sliced[row, (ends[k - 1] if k else start) + 1 : ends[k] + 1]
+            expected = [v.min() if len(v) else 0.0 for v in (prefix,)] + [prefix.sum()]
+            expected += [last.min() if len(last) else 0.0, last.sum()]
+            assert torch.allclose(features[row, k], torch.tensor([float(v) for v in expected]), atol=1e-5)
+        # Padded steps past the response carry no features.
+        assert (features[row, len(steps[row]) + 1 :] == 0).all()
+
+
+def test_likelihood_head_trains_scores_causally_and_reloads(labels_dir, tmp_path):
+    L.seed_everything(0)
+    module = PAVModule(source=tiny(), head_type="likelihood", lr=1e-2, warmup_steps=0, export=True)
+    before = snapshot(module)
+    frozen = {k: v.clone() for k, v in module.reference.state_dict().items()}
+    assert frozen and not any(p.requires_grad for p in module.reference.parameters())
+    trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, StepLabelDataModule(str(labels_dir), batch_size=8))
+    assert_all_changed(before, module)
+    # The reference is the starting policy and stays it; it is never in training mode.
+    assert all(torch.equal(v, module.reference.state_dict()[k]) for k, v in frozen.items())
+    module.train()
+    module.score_prefixes(["Qa:"], [[GOOD]])
+    module.train()
+    ids = torch.tensor([module.tokenizer("Qa:ok\n")["input_ids"]])
+    module(ids, torch.ones_like(ids), torch.tensor([[2, 5]]))
+    assert not any(m.training for m in module.reference.modules())
+    scores = module.score_prefixes(["Qa:", "Qb:"], [[GOOD, BAD, GOOD], [BAD]])
+    assert torch.allclose(module.score_prefixes(["Qa:"], [[GOOD, BAD]])[0], scores[0][:3], atol=1e-6)
+    reloaded = PAVModule.from_pretrained(tmp_path / "verifier")
+    assert isinstance(reloaded.value_head, type(module.value_head))
+    again = reloaded.score_prefixes(["Qa:", "Qb:"], [[GOOD, BAD, GOOD], [BAD]])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(again, scores))
+    orm = ORMModule(source=tiny(), head_type="likelihood", lr=1e-2, warmup_steps=0, export=False)
+    before = snapshot(orm)
+    data = OutcomeDataModule(str(labels_dir), batch_size=8)
+    trainer(tmp_path / "orm", max_steps=2, limit_val_batches=0).fit(orm, data)
+    assert_all_changed(before, orm)
+    together = orm.score_responses(["Qa:", "Qbb:"], ["ok\nno\n", "no\n"])
+    assert torch.allclose(orm.score_responses(["Qbb:"], ["no\n"]), together[1:], atol=1e-6)
 
 
 def test_q_and_advantages_with_best_of_k(pav):

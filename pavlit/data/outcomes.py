@@ -32,6 +32,7 @@ from pavlit.data.step_labels import (
     ResumableSampler,
     group_rollouts,
     iter_records,
+    pad_id_of,
     resume_offset,
     split_problems,
 )
@@ -62,8 +63,8 @@ def outcome_tokens(prompt: str, response: str, tokenizer: Any) -> StepTokens:
 
 @dataclass
 class OutcomeCollator:
-    """Pads examples: ``input_ids``, ``attention_mask`` ``[B, T]``, ``positions`` ``[B, 1]``, ``label``, ``weight``
-    ``[B]``.
+    """Pads examples: ``input_ids``, ``attention_mask`` ``[B, T]``, ``positions`` ``[B, 1]``, ``prompt_end``,
+    ``label``, ``weight`` ``[B]``.
 
     Args:
         pad_id: The tokenizer's pad id.
@@ -85,6 +86,7 @@ class OutcomeCollator:
             "input_ids": batch.input_ids,
             "attention_mask": batch.attention_mask,
             "positions": positions,
+            "prompt_end": batch.prompt_end,
             "label": label,
             "weight": weight,
         }
@@ -150,9 +152,15 @@ class OutcomeDataModule(LightningDataModule):
 
     def prepare(self, tokenizer: Any) -> None:
         """Build the examples with ``tokenizer`` (what ``setup`` does, usable without a trainer)."""
+        pad_id_of(tokenizer)  # a tokenizer that cannot pad is refused before reading any data
         self.tokenizer = tokenizer
         bad = BadRecords(self.on_bad_record, "outcome record")
         triples = self._read(bad)
+        if not self.stats["records"]:
+            raise ValueError(
+                f"{self.path}: holds no records (empty files?); expected outcome records {{problem_id, prompt, "
+                "response, correct}} or `pavlit label` output"
+            )
         seen: dict[tuple[str, str, str], float] = {}
         for where, problem_id, prompt, response, correct in triples:
             key = (problem_id, prompt, response)
@@ -251,8 +259,7 @@ class OutcomeDataModule(LightningDataModule):
         return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
 
     def _pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+        return pad_id_of(self.tokenizer)
 
 
 def _outcome_problem(record: dict[str, Any]) -> str | None:

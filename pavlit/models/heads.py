@@ -12,7 +12,16 @@ and :class:`pavlit.modules.orm.ORMModule`:
   even when the output embedding is frozen (LoRA leaves ``lm_head`` without adapters). Gemma's final logit
   soft-capping is not applied: the raw logit is the score.
 
-Both heads are plain ``nn.Module``s kept outside any peft wrapper, so they always train fully.
+* ``"likelihood"`` — :class:`LikelihoodHead`, the linear head plus a small MLP over the backbone's own token
+  log-likelihoods of the response so far: min and sum over the whole prefix, and over its last step. A verifier
+  initialised from the policy already "knows" which step it would not have written (on the tiny default the
+  policy's log-likelihood of a response separates right from wrong answers with AUROC 0.92, while linear heads
+  trained on 48k MC labels reach 0.68); this head hands that signal to the value estimate instead of leaving the
+  fine-tuning to rediscover it. The features are read from the verifier's *current* backbone without gradient
+  (:func:`pavlit.verifier.likelihood_features`); the MLP's output layer starts at zero, so training starts from
+  the plain linear head. It costs one output-embedding projection per token (cheap for small vocabularies).
+
+All heads are plain ``nn.Module``s kept outside any peft wrapper, so they always train fully.
 """
 
 from __future__ import annotations
@@ -20,9 +29,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["HEAD_TYPES", "TokenHead", "ValueHead"]
+__all__ = ["HEAD_TYPES", "LIKELIHOOD_FEATURES", "LikelihoodHead", "TokenHead", "ValueHead"]
 
-HEAD_TYPES = ("linear", "token")
+HEAD_TYPES = ("linear", "token", "likelihood")
+LIKELIHOOD_FEATURES = 4  # min and sum of token log-probs over the prefix, then over its last step
 
 
 class ValueHead(nn.Module):
@@ -67,3 +77,30 @@ class TokenHead(nn.Module):
             raise ValueError(f"scoring token id {self.token_id} is outside the vocabulary ({output_weight.shape[0]})")
         row = output_weight[self.token_id]
         return (hidden.to(row.dtype) * row).sum(-1) + self.bias[0].to(row.dtype)
+
+
+class LikelihoodHead(nn.Module):
+    """:class:`ValueHead` plus an MLP over likelihood features (see the module docstring).
+
+    Args:
+        hidden_size: Width of the backbone's hidden states.
+        width: Hidden units of the feature MLP.
+    """
+
+    def __init__(self, hidden_size: int, width: int = 32) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.linear.weight, std=hidden_size**-0.5)
+        nn.init.zeros_(self.linear.bias)
+        self.features = nn.Sequential(nn.Linear(LIKELIHOOD_FEATURES, width), nn.SiLU(), nn.Linear(width, 1))
+        nn.init.zeros_(self.features[2].weight)
+        nn.init.zeros_(self.features[2].bias)
+
+    def forward(self, hidden: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """``[..., D]`` hidden states and ``[..., 4]`` likelihood features → ``[...]`` logits.
+
+        Log-likelihood sums grow with length; ``asinh`` keeps them on a log-like scale (linear near zero).
+        """
+        dtype = self.linear.weight.dtype
+        scaled = torch.asinh(features.to(dtype))
+        return (self.linear(hidden.to(dtype)) + self.features(scaled)).squeeze(-1)

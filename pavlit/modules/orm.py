@@ -29,6 +29,7 @@ from pavlit.verifier import (
     as_group,
     as_model_source,
     build_head,
+    build_reference,
     configure_adam_warmup_cosine,
     export_init_args,
     export_on_train_end,
@@ -50,7 +51,7 @@ class ORMModule(LightningModule):
 
     Args:
         source: Where the backbone comes from.
-        head_type: ``"linear"`` or ``"token"`` (see :mod:`pavlit.models.heads`).
+        head_type: ``"linear"``, ``"token"`` or ``"likelihood"`` (see :mod:`pavlit.models.heads`).
         score_token: The scoring token for ``head_type="token"`` (default: EOS).
         lora: LoRA adapters on the backbone (the head always trains fully).
         quant: 4/8-bit loading of the backbone (needs LoRA and a local-folder source).
@@ -63,7 +64,7 @@ class ORMModule(LightningModule):
     def __init__(
         self,
         source: ModelSource = TinyPolicy(),  # noqa: B008 - an immutable description, not a model
-        head_type: Literal["linear", "token"] = "linear",
+        head_type: Literal["linear", "token", "likelihood"] = "linear",
         score_token: str | None = None,
         lora: LoRAArgs = LoRAArgs(),  # noqa: B008
         quant: QuantArgs = QuantArgs(),  # noqa: B008
@@ -81,6 +82,7 @@ class ORMModule(LightningModule):
         self.lora, self.quant = lora, quant
         self.backbone, self.tokenizer = load_backbone(source, lora, quant)
         self.value_head = build_head(head_type, self.backbone.config.hidden_size, self.tokenizer, score_token)
+        self.reference = build_reference(self.backbone, head_type)
         self.val_bce = MeanMetric()
         self.val_auroc = BinaryAUROC()
         self.val_accuracy = BinaryAccuracy()
@@ -92,19 +94,31 @@ class ORMModule(LightningModule):
         """The longest sequence the backbone is configured for."""
         return getattr(self.backbone.config, "max_position_embeddings", None)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``[B]`` logits of P(correct), read at ``positions`` ``[B, 1]`` (the response's last token)."""
-        return score_positions(self.backbone, self.value_head, input_ids, attention_mask, positions)[:, 0]
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        prompt_end: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``[B]`` logits of P(correct), read at ``positions`` ``[B, 1]`` (the response's last token).
+
+        ``prompt_end`` ``[B]`` (the question's last token) is where the response starts; only the
+        ``"likelihood"`` head needs it.
+        """
+        return score_positions(
+            self.backbone, self.value_head, input_ids, attention_mask, positions, prompt_end, self.reference
+        )[:, 0]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["input_ids"], batch["attention_mask"], batch["positions"])
+        logits = self(batch["input_ids"], batch["attention_mask"], batch["positions"], batch.get("prompt_end"))
         mask = torch.ones_like(batch["label"], dtype=torch.bool)
         loss = masked_bce_with_logits(logits, batch["label"], mask, batch["weight"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"], batch["positions"])
+        logits = self(batch["input_ids"], batch["attention_mask"], batch["positions"], batch.get("prompt_end"))
         label = batch["label"]
         self.val_bce.update(F.binary_cross_entropy_with_logits(logits, label, reduction="none"))
         self.val_auroc.update(torch.sigmoid(logits), label.long())
@@ -186,7 +200,10 @@ class ORMModule(LightningModule):
                 last = torch.tensor([len(tokens[i].step_ends) for i in rows])
                 positions = batch.prefix_positions.gather(1, last[:, None])
                 logits = self(
-                    batch.input_ids.to(self.device), batch.attention_mask.to(self.device), positions.to(self.device)
+                    batch.input_ids.to(self.device),
+                    batch.attention_mask.to(self.device),
+                    positions.to(self.device),
+                    batch.prompt_end.to(self.device),
                 )
                 scores[rows] = torch.sigmoid(logits).float().cpu()
         finally:
@@ -204,12 +221,14 @@ class ORMModule(LightningModule):
             "lora": self.hparams.lora,
             "quant": self.hparams.quant,
         }
-        return save_verifier(path, "orm", self.backbone, self.tokenizer, self.value_head, settings, state_dict)
+        return save_verifier(
+            path, "orm", self.backbone, self.tokenizer, self.value_head, settings, state_dict, self.reference
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> ORMModule:
         """Reload a folder written by :meth:`save_pretrained`, in eval mode."""
         meta = read_export(path, "orm")
         module = cls(**{**export_init_args(path, meta), **overrides})
-        load_export_weights(path, meta, module.backbone, module.value_head)
+        load_export_weights(path, meta, module.backbone, module.value_head, module.reference)
         return module.eval()

@@ -39,6 +39,7 @@ from pavlit.verifier import (
     as_group,
     as_model_source,
     build_head,
+    build_reference,
     configure_adam_warmup_cosine,
     export_init_args,
     export_on_train_end,
@@ -61,8 +62,9 @@ class PAVModule(LightningModule):
     Args:
         source: Where the backbone comes from (the tiny in-code model, a local folder such as the SFT'd policy, or
             Gemma 3 270M).
-        head_type: ``"linear"`` (a linear head on the last hidden state at each step end) or ``"token"`` (the
-            paper's scoring-token logit read from the LM head; see :mod:`pavlit.models.heads`).
+        head_type: ``"linear"`` (a linear head on the last hidden state at each step end), ``"token"`` (the
+            paper's scoring-token logit read from the LM head) or ``"likelihood"`` (the linear head plus the
+            backbone's own token log-likelihoods of the prefix; see :mod:`pavlit.models.heads`).
         score_token: The scoring token for ``head_type="token"`` (default: the tokenizer's EOS token).
         lora: LoRA adapters on the backbone (the head always trains fully).
         quant: 4/8-bit loading of the backbone (needs LoRA and a local-folder source).
@@ -75,7 +77,7 @@ class PAVModule(LightningModule):
     def __init__(
         self,
         source: ModelSource = TinyPolicy(),  # noqa: B008 - an immutable description, not a model
-        head_type: Literal["linear", "token"] = "linear",
+        head_type: Literal["linear", "token", "likelihood"] = "linear",
         score_token: str | None = None,
         lora: LoRAArgs = LoRAArgs(),  # noqa: B008
         quant: QuantArgs = QuantArgs(),  # noqa: B008
@@ -94,6 +96,7 @@ class PAVModule(LightningModule):
         self.lora, self.quant = lora, quant
         self.backbone, self.tokenizer = load_backbone(source, lora, quant)
         self.value_head = build_head(head_type, self.backbone.config.hidden_size, self.tokenizer, score_token)
+        self.reference = build_reference(self.backbone, head_type)
         self.val_bce = MeanMetric()
         self.val_mse = MeanSquaredError()
         self.val_calibration = SoftCalibrationError()
@@ -108,7 +111,9 @@ class PAVModule(LightningModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``[B, K]`` logits of ``Q^π`` at the token ``positions`` (``σ(logit)`` is the predicted value)."""
-        return score_positions(self.backbone, self.value_head, input_ids, attention_mask, positions)
+        return score_positions(
+            self.backbone, self.value_head, input_ids, attention_mask, positions, reference=self.reference
+        )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"], batch["positions"])
@@ -261,7 +266,9 @@ class PAVModule(LightningModule):
             "lora": self.hparams.lora,
             "quant": self.hparams.quant,
         }
-        return save_verifier(path, "pav", self.backbone, self.tokenizer, self.value_head, settings, state_dict)
+        return save_verifier(
+            path, "pav", self.backbone, self.tokenizer, self.value_head, settings, state_dict, self.reference
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> PAVModule:
@@ -273,5 +280,5 @@ class PAVModule(LightningModule):
         """
         meta = read_export(path, "pav")
         module = cls(**{**export_init_args(path, meta), **overrides})
-        load_export_weights(path, meta, module.backbone, module.value_head)
+        load_export_weights(path, meta, module.backbone, module.value_head, module.reference)
         return module.eval()
