@@ -89,3 +89,38 @@ def test_command_configs_parse_through_their_command(path, capsys):
         main([command, "--config", str(path), "--print_config"])
     assert exit_info.value.code in (0, None), capsys.readouterr().err
     assert capsys.readouterr().out.strip()
+
+
+PIPELINES = [path for path in COMMAND_CONFIGS if "pipeline" in path.read_text().splitlines()[0]]
+
+
+def pipeline_stages() -> list[tuple[str, list[str]]]:
+    import yaml
+
+    stages = []
+    for path in PIPELINES:
+        for stage in yaml.safe_load(path.read_text())["stages"]:
+            stages.append((f"{path.relative_to(REPO / 'configs')}:{stage['name']}", [str(a) for a in stage["command"]]))
+    return stages
+
+
+@pytest.mark.parametrize(("name", "command"), pipeline_stages(), ids=[name for name, _ in pipeline_stages()])
+def test_every_pipeline_stage_parses_with_its_overrides(name, command, parse_only, capsys):
+    """A stage is its command line: the config plus overrides must parse, or the pipeline fails halfway through."""
+    from pavlit.cli import main
+
+    if command[0] == "python":
+        script = REPO / command[1]
+        assert script.is_file(), name
+        import runpy
+
+        namespace = runpy.run_path(str(script), run_name="not_main")
+        namespace["parse_args"](command[2:])
+        return
+    if command[0] == "fit":
+        cli = parse_only(args=command[1:], run=False)
+        assert cli.config.model.class_path, name
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err

@@ -219,6 +219,18 @@ def test_likelihood_head_trains_scores_causally_and_reloads(labels_dir, tmp_path
     assert torch.allclose(orm.score_responses(["Qbb:"], ["no\n"]), together[1:], atol=1e-6)
 
 
+def test_verifiers_refuse_to_return_nan_scores():
+    pav = PAVModule(source=tiny(), export=False)
+    orm = ORMModule(source=tiny(), export=False)
+    for module in (pav, orm):
+        with torch.no_grad():
+            module.value_head.linear.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="process verifier returned NaN"):
+        pav.score_prefixes(["Qa:"], [[GOOD]])
+    with pytest.raises(FloatingPointError, match="outcome verifier returned NaN"):
+        orm.score_responses(["Qa:"], ["ok\n"])
+
+
 def test_q_and_advantages_with_best_of_k(pav):
     steps = [[GOOD, BAD, GOOD], [BAD]]
     q_pi, q_mu, a_mu = pav.q_and_advantages(["Qa:", "Qb:"], steps, BestOfK(4))

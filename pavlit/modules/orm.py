@@ -206,6 +206,8 @@ class ORMModule(LightningModule):
                     batch.prompt_end.to(self.device),
                 )
                 scores[rows] = torch.sigmoid(logits).float().cpu()
+                if not torch.isfinite(scores[rows]).all():
+                    raise FloatingPointError("the outcome verifier returned NaN scores (are its weights finite?)")
         finally:
             self.train(was_training)
         return scores

@@ -243,6 +243,8 @@ class PAVModule(LightningModule):
                     batch.prefix_positions.to(self.device),
                 )
                 values = torch.sigmoid(logits).float().cpu()
+                if not torch.isfinite(values).all():
+                    raise FloatingPointError("the process verifier returned NaN scores (are its weights finite?)")
                 for row, index in enumerate(rows):
                     results[index] = values[row]
         finally:
