@@ -14,6 +14,11 @@ ends the command with one line, ``pavlit <command>: error: <what, where, what wa
 Run folders: unless ``--trainer.default_root_dir`` is given, every Lightning run writes its logs,
 checkpoints and resolved ``config.yaml`` into ``runs/<command>/<timestamp>`` (or ``$PAVLIT_RUN_DIR``),
 never into the working directory, where saving the config could overwrite an input file of that name.
+
+Resuming: ``pavlit fit`` keeps ``<run folder>/checkpoints/resume.ckpt`` (every ``--resume.every_n_train_steps``
+steps, written atomically) while it trains and deletes it once the fit has finished. Rerunning the same command
+into the same run folder after a crash or ``kill -9`` continues from that checkpoint; a rerun whose settings
+differ from the interrupted run's is refused (see :class:`ResumeArgs`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -34,14 +40,28 @@ import pavlit
 from pavlit import registry
 from pavlit.interfaces import INTERFACES
 
-# PavlitCLI and RunFolderSaveConfigCallback are built on first access by the module __getattr__ below.
-__all__ = ["COMMANDS", "PavlitCLI", "RunFolderSaveConfigCallback", "default_run_dir", "main", "plugins_command"]  # noqa: F822
+# PavlitCLI, ResumeCheckpoint and RunFolderSaveConfigCallback are built on first access by __getattr__ below.
+__all__ = [  # noqa: F822
+    "COMMANDS",
+    "PavlitCLI",
+    "ResumeArgs",
+    "ResumeCheckpoint",
+    "RunFolderSaveConfigCallback",
+    "default_run_dir",
+    "main",
+    "plugins_command",
+]
 
 Command = Callable[[list[str]], "int | None"]
 
 RUN_DIR_ENV = "PAVLIT_RUN_DIR"
 RUNS_ROOT = "runs"
 TRACEBACK_ENV = "PAVLIT_TRACEBACK"
+RESUME_CHECKPOINT = "checkpoints/resume.ckpt"
+RESUME_SETTINGS = "checkpoints/resume.json"
+#: Config keys that do not change what a fit computes (or, for ``seed_everything``, are drawn anew by every run
+#: that sets none), left out of the settings a resumed run must share with the interrupted one.
+RESUME_IGNORED_KEYS = ("config", "ckpt_path", "resume", "seed_everything", "trainer.default_root_dir")
 
 #: Exceptions that report input a user can fix; pavlit's own readers and settings raise these with messages that
 #: name the file, line or field and what was expected. ``FloatingPointError`` is :class:`pavlit.callbacks.FiniteGuard`
@@ -228,6 +248,78 @@ def default_run_dir(command: str, root: str | os.PathLike[str] = RUNS_ROOT) -> s
     return str(candidate)
 
 
+@dataclass
+class ResumeArgs:
+    """How ``pavlit fit`` survives interruptions (``--resume.*``).
+
+    While a fit trains, ``<trainer.default_root_dir>/checkpoints/resume.ckpt`` holds its latest state (weights,
+    optimizer, schedule, loop position, callbacks), and ``resume.json`` beside it the run's settings. Rerunning
+    the same command into the same folder continues from the checkpoint; once the fit has finished (and exported
+    what it exports) both files are deleted, so a rerun of a finished fit trains anew. A rerun whose settings
+    differ from the interrupted run's is refused, naming the changed keys: it would silently mix two runs. An
+    explicit ``--ckpt_path`` always wins.
+
+    Args:
+        enabled: Keep a resume checkpoint and resume from it (``false``: every run starts from scratch).
+        every_n_train_steps: Optimizer steps between two resume checkpoints (an interruption loses at most these).
+    """
+
+    enabled: bool = True
+    every_n_train_steps: int = 50
+
+    def __post_init__(self) -> None:
+        if self.every_n_train_steps < 1:
+            raise ValueError(f"resume.every_n_train_steps must be >= 1, got {self.every_n_train_steps}")
+
+
+def _flat_settings(settings: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(settings, dict):
+        flat: dict[str, Any] = {}
+        for key, value in settings.items():
+            flat.update(_flat_settings(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): settings}
+
+
+def resume_settings(config: Any) -> dict[str, Any]:
+    """The settings of a fit that a resumed run must share with the interrupted one (flat, dotted keys)."""
+    plain = json.loads(json.dumps(config.as_dict() if hasattr(config, "as_dict") else config, default=str))
+    return {
+        key: value
+        for key, value in _flat_settings(plain).items()
+        if not any(key == ignored or key.startswith(f"{ignored}.") for ignored in RESUME_IGNORED_KEYS)
+    }
+
+
+def resume_checkpoint_for(root: str | os.PathLike[str], settings: dict[str, Any]) -> str | None:
+    """The checkpoint an interrupted fit in ``root`` left, checked against ``settings``; ``None`` when none.
+
+    Raises:
+        ValueError: The checkpoint belongs to a run with other settings (the message names the changed keys), or
+            its settings record is missing.
+    """
+    checkpoint, record = Path(root, RESUME_CHECKPOINT), Path(root, RESUME_SETTINGS)
+    if not checkpoint.exists():
+        return None
+    try:
+        stored = json.loads(record.read_text(encoding="utf-8"))["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(
+            f"{checkpoint} is an interrupted run's checkpoint, but {record} (its settings) is missing or unreadable; "
+            "pass --ckpt_path to resume from it anyway, or --resume.enabled false (or a new trainer.default_root_dir) "
+            "to start over"
+        ) from None
+    changed = sorted(key for key in set(stored) | set(settings) if stored.get(key) != settings.get(key))
+    if changed:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise ValueError(
+            f"{checkpoint} is the checkpoint of an interrupted run with other settings (changed: {shown}); rerun "
+            "with the same settings to resume it, or use a new trainer.default_root_dir (or --resume.enabled false) "
+            "to start over"
+        )
+    return str(checkpoint)
+
+
 @contextmanager
 def _restored_env(name: str) -> Iterator[None]:
     before = os.environ.get(name)
@@ -242,7 +334,7 @@ def _restored_env(name: str) -> Iterator[None]:
 
 def __getattr__(name: str) -> Any:
     # PEP 562: the Lightning-based classes are built on first use, so importing this module stays fast.
-    classes = _lightning_classes() if name in ("PavlitCLI", "RunFolderSaveConfigCallback") else {}
+    classes = _lightning_classes() if name in ("PavlitCLI", "ResumeCheckpoint", "RunFolderSaveConfigCallback") else {}
     if name in classes:
         return classes[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -253,8 +345,10 @@ def _lightning_classes() -> dict[str, type]:
     from docstring_parser import DocstringStyle
     from jsonargparse import set_parsing_settings
     from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-    from lightning.pytorch.utilities import rank_zero_warn
+    from lightning.pytorch.trainer.states import TrainerStatus
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
     from pavlit.callbacks import FiniteGuard
 
@@ -281,6 +375,39 @@ def _lightning_classes() -> dict[str, type]:
                     )
             super().setup(trainer, pl_module, stage)
 
+    class ResumeCheckpoint(ModelCheckpoint):
+        """Keeps ``<root>/checkpoints/resume.ckpt``: the latest state of a fit, every ``every_n_train_steps`` steps.
+
+        A ``ModelCheckpoint`` that saves only its "last" file (written atomically, the previous one replaced), under
+        its own name so that it never collides with a user's ``last.ckpt``. See :class:`ResumeArgs`.
+
+        Args:
+            root: The run folder (``trainer.default_root_dir``).
+            every_n_train_steps: Optimizer steps between two saves.
+            settings: The run's settings (:func:`resume_settings`), recorded beside the checkpoint for a rerun to
+                check against.
+        """
+
+        CHECKPOINT_NAME_LAST = Path(RESUME_CHECKPOINT).stem
+
+        def __init__(self, root: str, every_n_train_steps: int, settings: dict[str, Any]) -> None:
+            super().__init__(
+                dirpath=str(Path(root, RESUME_CHECKPOINT).parent),
+                save_last=True,
+                save_top_k=0,
+                every_n_train_steps=every_n_train_steps,
+            )
+            self.root = root
+            self.settings = settings
+
+        def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+            super().setup(trainer, pl_module, stage)
+            if stage == "fit" and trainer.is_global_zero:
+                from pavlit.labeling.shards import atomic_write_text
+
+                record = json.dumps({"settings": self.settings}, indent=2, sort_keys=True) + "\n"
+                atomic_write_text(Path(self.root, RESUME_SETTINGS), record)
+
     class PavlitCLI(LightningCLI):
         """LightningCLI over any LightningModule and LightningDataModule, with plugins loaded and a run folder.
 
@@ -291,6 +418,12 @@ def _lightning_classes() -> dict[str, type]:
         Every run gets a :class:`~pavlit.callbacks.FiniteGuard` (stop on a NaN/inf loss or gradient), set with
         ``--finite_guard.*``: ``--finite_guard.enabled false`` turns it off, and a ``FiniteGuard`` listed in
         ``trainer.callbacks`` takes the default one's place.
+
+        Every ``fit`` is resumable (:class:`ResumeArgs`, ``--resume.*``): it keeps a :class:`ResumeCheckpoint`,
+        resumes from the one an interrupted run into the same folder left, and deletes it once finished. Every
+        ``ModelCheckpoint`` without a ``dirpath`` saves into ``<root>/checkpoints`` (not into the logger's
+        per-process ``version_N`` folder), so that a resumed run finds, keeps and ranks the interrupted run's best
+        checkpoints as an uninterrupted run would.
 
         Args:
             model_class: A LightningModule class (``None``: any, chosen with ``--model`` / ``model.class_path``).
@@ -330,6 +463,7 @@ def _lightning_classes() -> dict[str, type]:
 
         def add_arguments_to_parser(self, parser: Any) -> None:
             parser.add_lightning_class_args(FiniteGuard, "finite_guard")
+            parser.add_class_arguments(ResumeArgs, "resume")
 
         def instantiate_trainer(self, **kwargs: Any) -> Trainer:
             trainer = super().instantiate_trainer(**kwargs)
@@ -338,7 +472,36 @@ def _lightning_classes() -> dict[str, type]:
             guards = [c for c in trainer.callbacks if isinstance(c, FiniteGuard)]
             if default is not None and (not default.enabled or len(guards) > 1):
                 trainer.callbacks = [c for c in trainer.callbacks if c is not default]
+            resume = config.get("resume")
+            if self.subcommand == "fit" and resume is not None and resume.enabled:
+                root = str(trainer.default_root_dir)
+                for callback in trainer.checkpoint_callbacks:
+                    if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                        callback.dirpath = str(Path(root, RESUME_CHECKPOINT).parent)
+                # Added after the Trainer is built: it is independent of `enable_checkpointing` (Lightning's own
+                # checkpoints), and listed last so that `trainer.checkpoint_callback` stays the user's.
+                settings = resume_settings(self.config["fit"])
+                trainer.callbacks.append(ResumeCheckpoint(root, resume.every_n_train_steps, settings))
             return trainer
+
+        def before_fit(self) -> None:
+            config = self.config_init["fit"]
+            resume = config.get("resume")
+            if resume is None or not resume.enabled or config.get("ckpt_path") is not None:
+                return
+            root = self.trainer.default_root_dir
+            checkpoint = resume_checkpoint_for(root, resume_settings(self.config["fit"]))
+            if checkpoint is not None:
+                rank_zero_info(f"resuming the interrupted run in {root} from {checkpoint}")
+                config.ckpt_path = checkpoint
+
+        def after_fit(self) -> None:
+            resume = self.config_init["fit"].get("resume")
+            finished = self.trainer.state.status == TrainerStatus.FINISHED and not self.trainer.interrupted
+            if resume is not None and resume.enabled and finished and self.trainer.is_global_zero:
+                # Only now: the fit's exports (written in on_train_end) are complete.
+                for name in (RESUME_CHECKPOINT, RESUME_SETTINGS):
+                    Path(self.trainer.default_root_dir, name).unlink(missing_ok=True)
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
@@ -346,7 +509,11 @@ def _lightning_classes() -> dict[str, type]:
                 config.trainer.default_root_dir = default_run_dir(self.subcommand or "run")
                 os.environ[RUN_DIR_ENV] = config.trainer.default_root_dir
 
-    classes: dict[str, type] = {"PavlitCLI": PavlitCLI, "RunFolderSaveConfigCallback": RunFolderSaveConfigCallback}
+    classes: dict[str, type] = {
+        "PavlitCLI": PavlitCLI,
+        "ResumeCheckpoint": ResumeCheckpoint,
+        "RunFolderSaveConfigCallback": RunFolderSaveConfigCallback,
+    }
     for name, cls in classes.items():
         # Importable as pavlit.cli.<name> (through __getattr__), so pickling (ddp_spawn) finds them.
         cls.__module__ = __name__

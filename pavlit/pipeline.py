@@ -14,15 +14,23 @@ every stage can also be run alone), plus the file whose existence means the stag
         output: runs/tiny/labels/metrics.json
 
 A finished stage is skipped on a rerun, so rerunning the command after an interruption resumes (stages that
-resume internally, like ``label`` and ``search``, also keep their own finished chunks). ``shared_args`` are
-appended to every stage of the given command (e.g. ``{fit: [--trainer.accelerator, cpu]}``). Stages run as
-subprocesses of the same Python, so a crash in one is reported with its log and never leaves the next stage
-reading half-written outputs. At the end, every stage's ``metrics.json`` and ``report.md`` (with their PNG
-plots) are gathered into ``<run_dir>/report.md``.
+resume internally, like ``label``, ``search`` and ``fit``, also keep their own finished chunks and checkpoints).
+``shared_args`` are appended to every stage of the given command (e.g. ``{fit: [--trainer.accelerator, cpu]}``).
+Stages run as subprocesses of the same Python, so a crash in one is reported with its log and never leaves the
+next stage reading half-written outputs. At the end, every stage's ``metrics.json`` and ``report.md`` (with their
+PNG plots) are gathered into ``<run_dir>/report.md``.
+
+Interruptions: while a stage runs, ``<run_dir>/logs/<name>.running`` exists; it is removed when the stage has
+exited successfully. A stage whose marker survived (the pipeline was killed, the machine went down) is run again
+on the next pipeline run even when its output file exists — a stage may write its ``output`` before the rest of
+its files (a Hugging Face export writes ``config.json`` before the weights), so only a clean exit says it is
+complete. On Linux a stage dies with the pipeline (``kill -9`` of the pipeline does not leave it running, racing
+the rerun).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -76,17 +84,28 @@ def pipeline(run_dir: str, stages: list[Stage], shared_args: dict[str, list[str]
     timings: dict[str, Any] = {}
     for index, stage in enumerate(stages, start=1):
         banner = f"[{index}/{len(stages)}] {stage.name}"
-        if Path(stage.output).exists():
+        running = root / "logs" / f"{stage.name}.running"
+        if Path(stage.output).exists() and not running.exists():
             print(f"{banner}: done already ({stage.output})", flush=True)
             timings[stage.name] = "reused"
             continue
+        if running.exists():
+            print(f"{banner}: interrupted last time; running it again (it resumes where it can)", flush=True)
         command = _command_line(stage.command + shared_args.get(stage.command[0], []))
         print(f"{banner}: {' '.join(command[1:]) if command[1:2] == ['-m'] else ' '.join(command)}", flush=True)
         log_path = root / "logs" / f"{stage.name}.log"
+        atomic_write_text(running, f"{os.getpid()}\n")
         start = time.perf_counter()
         with log_path.open("a", encoding="utf-8") as log:
             # The stage's own progress bar goes to the terminal (stderr); its full output also lands in the log.
-            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            process = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()) if sys.platform == "linux" else None,
+            )
             assert process.stdout is not None
             for line in process.stdout:
                 log.write(line)
@@ -97,11 +116,23 @@ def pipeline(run_dir: str, stages: list[Stage], shared_args: dict[str, list[str]
             raise RuntimeError(f"stage {stage.name!r} failed (exit {returncode}); its log: {log_path}")
         if not Path(stage.output).exists():
             raise RuntimeError(f"stage {stage.name!r} finished but did not write {stage.output}; its log: {log_path}")
+        running.unlink()
         timings[stage.name] = round(seconds, 1)
         print(f"{banner}: finished in {seconds:.0f} s", flush=True)
     report = write_report(root, stages, timings)
     print(f"report: {report}", flush=True)
     return report
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the forked stage, before exec: ask Linux to SIGKILL it when the pipeline process dies."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the pipeline died before the request took effect
+        os._exit(1)
 
 
 def _command_line(command: list[str]) -> list[str]:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
 
+from pavlit.labeling.shards import atomic_write_text
 from pavlit.models.adapters import LoRAArgs, QuantArgs, apply_lora, check_compatible, load_quantized
 from pavlit.models.heads import HEAD_TYPES, LikelihoodHead, TokenHead, ValueHead
 from pavlit.policy.sources import ModelSource, Pretrained
@@ -496,7 +497,8 @@ def save_verifier(
         "reference": reference is not None,
         **dict(settings),
     }
-    (out / EXPORT_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+    # Written last and atomically: its presence means the folder is complete (the pipeline's "done" file).
+    atomic_write_text(out / EXPORT_FILE, json.dumps(meta, indent=2, default=str) + "\n")
     return out
 
 
@@ -658,12 +660,13 @@ def export_on_train_end(module: Any, kind: str) -> Path | None:
     state = full_state_dict(module, trainer.strategy)
     out = Path(trainer.default_root_dir) / "verifier"
     if trainer.is_global_zero:
-        module.save_pretrained(out, state_dict=state)
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
         stats = dict(getattr(trainer.datamodule, "stats", {}) or {})
         payload = {"kind": kind, "metrics": metrics, "data": stats, "global_step": trainer.global_step}
         payload["exported"] = best or {"checkpoint": "last step"}
-        (Path(trainer.default_root_dir) / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
+        atomic_write_text(Path(trainer.default_root_dir) / "metrics.json", json.dumps(payload, indent=2) + "\n")
+        # The export's pavlit_verifier.json is written last of all: it marks the run as finished.
+        module.save_pretrained(out, state_dict=state)
         log.info("exported the %s verifier to %s", kind, out)
     trainer.strategy.barrier()
     return out

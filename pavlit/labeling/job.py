@@ -10,7 +10,7 @@ Output folder::
     job.json             settings fingerprint (resuming with other settings is refused)
     chunk-000000.jsonl   step labels, one record per (seed rollout, prefix) — pavlit.labeling.records
     rollouts/            the seed rollouts: {problem_id, prompt, response, correct} (RFT data, ORM data)
-    trl_prm.jsonl        the labels in TRL's PRM schema {prompt, completions, labels}
+    trl_prm.jsonl        the labels in TRL's PRM schema {prompt, completions, labels}, in chunk order
     metrics.json         counts, accuracy of the seeds, label statistics, throughput
     config.yaml          the resolved config
 """
@@ -29,7 +29,7 @@ from typing import Any
 from pavlit.interfaces import SPLITS, Problem, Task
 from pavlit.labeling.mc import LabelArgs, label_chunk
 from pavlit.labeling.records import to_trl_prm
-from pavlit.labeling.shards import ShardStore, atomic_write_text, chunks_for_rank
+from pavlit.labeling.shards import ShardStore, atomic_write_lines, atomic_write_text, chunks_for_rank
 from pavlit.policy.sources import ModelSource
 
 
@@ -250,7 +250,10 @@ def _run(
     if rank != 0:
         return stats
     summary = _summarise(store, rollout_store, len(problems), stats)
-    atomic_write_text(out / "trl_prm.jsonl", "".join(json.dumps(r) + "\n" for r in to_trl_prm(store.records())))
+    # One shard at a time (a seed rollout's prefixes all live in its chunk's shard): memory does not grow with the
+    # dataset.
+    rows = (row for shard in store.shards() for row in to_trl_prm(shard))
+    atomic_write_lines(out / "trl_prm.jsonl", (json.dumps(row) + "\n" for row in rows))
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

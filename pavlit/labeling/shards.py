@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,17 +31,24 @@ def fingerprint(settings: Mapping[str, Any]) -> str:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a partial one."""
+    atomic_write_lines(path, [text])
+
+
+def atomic_write_lines(path: str | Path, pieces: Iterable[str]) -> None:
+    """Like :func:`atomic_write_text`, for text produced piece by piece (memory stays one piece, not the file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Not tempfile.mkstemp: its files are private (0600); a dataset on a shared cluster must keep the umask's mode.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "x", encoding="utf-8") as f:
+            for piece in pieces:
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -105,14 +112,23 @@ class ShardStore:
 
     def records(self) -> Iterator[dict[str, Any]]:
         """Every committed record, in chunk order (temporary files of a killed writer are never read)."""
+        for shard in self.shards():
+            yield from shard
+
+    def shards(self) -> Iterator[Iterator[dict[str, Any]]]:
+        """The committed shards in chunk order, each as an iterator over its records (one chunk's work)."""
         for path in sorted(self.root.glob(SHARD_GLOB)):
-            with path.open(encoding="utf-8") as f:
-                for line_no, line in enumerate(f, start=1):
-                    if line.strip():
-                        try:
-                            yield json.loads(line)
-                        except json.JSONDecodeError as err:
-                            raise ValueError(f"{path}:{line_no}: corrupt shard ({err.msg})") from None
+            yield _read_shard(path)
+
+
+def _read_shard(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{line_no}: corrupt shard ({err.msg})") from None
 
 
 def chunks_for_rank(n_chunks: int, rank: int, world_size: int) -> list[int]:

@@ -99,7 +99,9 @@ def summarise(records: Iterable[Mapping[str, Any]], n_resamples: int = 1000, see
         lines = [(None, bool(record["correct"]))] + [(k, bool(v)) for k, v in (record.get("picks") or {}).items()]
         for pick, correct in lines:
             by_budget = groups.setdefault((record["method"], pick), {})
-            by_budget.setdefault(int(record["budget"]), []).append({**record, "correct": correct})
+            # Only what the summary reads: a record's response and candidates are never kept (memory stays flat).
+            kept = {"problem_id": record["problem_id"], "correct": correct, **{k: record.get(k) for k in COST_KEYS}}
+            by_budget.setdefault(int(record["budget"]), []).append(kept)
     points = []
     for (method, pick), by_budget in groups.items():
         for budget in sorted(by_budget):
