@@ -368,3 +368,34 @@ def test_fit_fast_dev_run_through_the_cli_with_a_pav(tmp_path, monkeypatch):
     assert {"train/accuracy", "train/reward/process", "train/kl", "train/entropy", "val/accuracy"} <= set(metrics)
     model, _ = Pretrained(path=metrics["policy"]).load()
     assert model.config.num_hidden_layers == 1 and model.config.hidden_size == 16
+
+
+def test_training_log_probs_are_the_samplers_behaviour_log_probs():
+    """On-policy means on-policy: re-scoring sampled rollouts in the training forward pass (re-tokenised prompt,
+    padding, steps) gives back the log-probabilities the sampler drew them with."""
+    module = _module(policy=TinyPolicy(n_layer=2, n_embd=32, n_head=2, max_position=128), task=ArithmeticTask())
+    task = module._task()
+    problems = list(task.problems("train"))[:3]
+    out = module.sampler().complete(
+        [p.prompt for p in problems], n=2, max_new_tokens=40, temperature=1.0, seed=5, return_logprobs=True
+    )
+    rows = [
+        (p, t, i, lp)
+        for p, ts, ids, lps in zip(problems, out.texts, out.token_ids, out.logprobs)
+        for t, i, lp in zip(ts, ids, lps)
+    ]
+    steps = [split_steps(t, task.step_delimiter) for _, t, _, _ in rows]
+    batch = module.build_rollouts(
+        [p for p, *_ in rows],
+        [i for _, _, i, _ in rows],
+        steps,
+        [0.0] * len(rows),
+        [torch.zeros(len(s)) for s in steps],
+    )
+    module.eval()
+    with torch.no_grad():
+        logits, _ = module(batch.input_ids, batch.attention_mask)
+        logp, _ = module._token_logp(logits, batch)
+    for row, (_, _, ids, behaviour) in enumerate(rows):
+        assert int(batch.token_mask[row].sum()) == len(ids)
+        assert torch.allclose(logp[row, : len(ids)], torch.tensor(behaviour), atol=1e-4)
