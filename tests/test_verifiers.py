@@ -482,6 +482,7 @@ def test_ddp_two_cpu_processes_through_the_cli(labels_dir, tmp_path):
         "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=1",
         "--trainer.num_sanity_val_steps=0",
+        "--model.init_args.head_type=likelihood",  # the tiny default: its frozen reference must not upset DDP
     ]
     code = f"""
         import sys
@@ -504,7 +505,8 @@ def test_fsdp2_sharded_training_on_cpu(labels_dir, tmp_path):
         from pavlit.policy.sources import TinyPolicy
 
         L.seed_everything(0)
-        module = PAVModule(source=TinyPolicy(n_layer=2, n_embd=32, n_head=2), lr=1e-2, warmup_steps=0)
+        module = PAVModule(source=TinyPolicy(n_layer=2, n_embd=32, n_head=2), head_type="likelihood", lr=1e-2,
+                           warmup_steps=0)
         initial = {{k: v.clone() for k, v in module.backbone.state_dict().items()}}
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=2, limit_val_batches=1,
