@@ -21,6 +21,14 @@ torch.set_num_threads(1)
 
 FIXTURES_DIR = Path(__file__).parent / "fixtures"
 
+# Property tests draw the same examples on every run (CI must not fail by chance on a case no one has seen);
+# HYPOTHESIS_PROFILE=explore draws fresh random ones to hunt for new counterexamples.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("repeatable", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
 
 @pytest.fixture
 def fixtures_on_path(monkeypatch: pytest.MonkeyPatch) -> Path:
