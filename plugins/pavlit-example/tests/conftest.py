@@ -15,6 +15,13 @@ torch.set_num_threads(1)
 
 DISTRIBUTION = "pavlit-example"
 
+# Repeatable property-test examples, as in pavlit's own suite (HYPOTHESIS_PROFILE=explore for fresh ones).
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("repeatable", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
 
 @pytest.fixture
 def installed() -> None:
