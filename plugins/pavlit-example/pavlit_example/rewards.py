@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
-from pavlit.interfaces import Problem, Prover, Reward, RewardScores, Task
-from pavlit.rewards import PrefixScorer, load_verifier
+from pavlit.interfaces import Problem, Prover, RewardScores
+from pavlit.rewards import PAVReward, PrefixScorer
 from pavlit.values import advantages, effective_reward
 
 __all__ = ["PAVMinReward"]
 
 
-class PAVMinReward(Reward):
+class PAVMinReward(PAVReward):
     """``pav_min``: ``min_h [Q̂^π(s_h) + α·A^μ(s_h)]`` over the steps of each prefix; ``value`` is ``Q̂^π``.
 
     One forward pass of the process verifier gives ``Q̂^π`` of every prefix of a response at once; the prover
@@ -53,19 +52,8 @@ class PAVMinReward(Reward):
             raise ValueError(f"PAVMinReward: alpha must be a finite number, got {alpha!r}")
         if batch_size < 1:
             raise ValueError(f"PAVMinReward: batch_size must be >= 1, got {batch_size}")
-        if prover is None:
-            from pavlit.provers.best_of_k import BestOfK
-
-            prover = BestOfK(4)
-        self.verifier = verifier
-        self.alpha = float(alpha)
-        self.prover = prover
-        self.batch_size = batch_size
-        self._model: Any = None if isinstance(verifier, str) else verifier
-
-    def bind(self, task: Task, sampler: Any) -> None:
-        if self._model is None:
-            self._model = load_verifier("pav", str(self.verifier), getattr(sampler, "device", "cpu"))
+        # Verifier loading (``bind``), the default ``BestOfK(4)`` prover and ``repr`` are pavlit's ``pav``'s.
+        super().__init__(verifier, alpha=alpha, prover=prover, batch_size=batch_size)
 
     def score(
         self, problems: Sequence[Problem], prefixes: Sequence[Sequence[str]], finished: Sequence[bool] | None = None
@@ -107,6 +95,3 @@ class PAVMinReward(Reward):
         flat_prompts = [prompt for prompt, item in zip(prompts, steps) for _ in range(len(item) + 1)]
         flat = self.prover.q_values(torch.cat(q_pi), flat_prefixes, flat_prompts).float().cpu().reshape(-1)
         return list(torch.split(flat, [v.numel() for v in q_pi]))
-
-    def __repr__(self) -> str:
-        return f"PAVMinReward(verifier={self.verifier!r}, alpha={self.alpha}, prover={self.prover!r})"
