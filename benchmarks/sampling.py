@@ -7,10 +7,13 @@ Workload (the labelling pattern): P prefixes x n Monte-Carlo completions x up to
 * ``generate/batched`` - for reference, one ``generate`` call over all prefixes (left-padded);
 * ``pavlit/complete`` - ``Sampler.complete(prefixes, n)`` (prefix shared, batched, preallocated cache);
 * ``pavlit/unshared`` - the same without prefix sharing (each sample prefills its own prompt);
+* ``pavlit/hf-forward`` - the same through the model's Hugging Face forward instead of pavlit's grouped
+  plain-torch decoder (Llama-architecture models only; shows what the decoder adds);
 * ``pavlit/next_step`` - ``Sampler.next_step(prefixes, n)`` (one step each), for the step-aware mode.
 
 Tokens are new tokens actually generated (up to and including EOS; no padding), counted the same way for
-every row. Each measurement is repeated and the best time kept, since the machine may be shared.
+every row. Each measurement is repeated, interleaved with the others, and the best time kept, since the machine may be
+shared.
 
 Usage::
 
@@ -76,23 +79,26 @@ def new_token_count(sequences: torch.Tensor, prompt_width: int, eos_ids: set[int
     return total
 
 
-def best_of(repeats: int, run: Callable[[], int]) -> dict[str, float]:
-    """Run ``run`` (returns tokens generated) ``repeats`` times; best and median tokens/s."""
-    rates, tokens, times = [], [], []
+def round_robin(repeats: int, runs: dict[str, Callable[[], int]]) -> dict[str, dict[str, float]]:
+    """Time every run ``repeats`` times, interleaved (one of each per round), so a slow patch of a shared machine
+    hits all methods alike; best and median tokens/s per method."""
+    samples: dict[str, list[tuple[float, int, float]]] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        generated = run()
-        elapsed = time.perf_counter() - start
-        rates.append(generated / elapsed)
-        tokens.append(generated)
-        times.append(elapsed)
-    best = max(range(repeats), key=lambda i: rates[i])
-    return {
-        "tokens": tokens[best],
-        "seconds": times[best],
-        "tokens_per_s": rates[best],
-        "median_tokens_per_s": statistics.median(rates),
-    }
+        for name, run in runs.items():
+            start = time.perf_counter()
+            generated = run()
+            elapsed = time.perf_counter() - start
+            samples[name].append((generated / elapsed, generated, elapsed))
+    results = {}
+    for name, measured in samples.items():
+        rate, tokens, seconds = max(measured)
+        results[name] = {
+            "tokens": tokens,
+            "seconds": seconds,
+            "tokens_per_s": rate,
+            "median_tokens_per_s": statistics.median(m[0] for m in measured),
+        }
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         return new_token_count(sequences, batch["input_ids"].shape[1], eos_ids)
 
     unshared = Sampler(model, tokenizer, max_new_tokens=max_new, seed=args.seed, share_prefix=False)
+    hf_forward = Sampler(model, tokenizer, max_new_tokens=max_new, seed=args.seed, fast_decode=False)
     runs: dict[str, Callable[[], int]] = {
         "generate/prefix": generate_per_prefix,
         "pavlit/complete": lambda: sampler.complete(prompts, n=n).generated_tokens,
@@ -169,11 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_extras:
         runs["generate/batched"] = generate_batched
         runs["pavlit/unshared"] = lambda: unshared.complete(prompts, n=n).generated_tokens
+        if sampler._fast_decode:
+            runs["pavlit/hf-forward"] = lambda: hf_forward.complete(prompts, n=n).generated_tokens
         runs["pavlit/next_step"] = lambda: sampler.next_step(prompts, n=n).generated_tokens
 
     for run in runs.values():  # warm-up: first-call allocations, lazy tables
         run()
-    results = {name: best_of(args.repeats, run) for name, run in runs.items()}
+    results = round_robin(args.repeats, runs)
     baseline = results["generate/prefix"]["tokens_per_s"]
     for result in results.values():
         result["speedup"] = result["tokens_per_s"] / baseline

@@ -176,10 +176,13 @@ def test_token_accounting(model, tokenizer) -> None:
             assert out.num_samples == 20 and all(len(texts) == 5 for texts in out.texts)
 
 
+@pytest.mark.parametrize("fast_decode", [True, False])
 @pytest.mark.parametrize("share_prefix", [True, False])
-def test_logprobs_match_a_full_forward_pass(model, tokenizer, share_prefix: bool) -> None:
+def test_logprobs_match_a_full_forward_pass(model, tokenizer, share_prefix: bool, fast_decode: bool) -> None:
     """Cached, padded, prefix-expanded, compacted decoding scores every token exactly like one uncached pass."""
-    sampler = Sampler(model, tokenizer, max_new_tokens=16, seed=2, share_prefix=share_prefix, max_batch=8)
+    sampler = Sampler(
+        model, tokenizer, max_new_tokens=16, seed=2, share_prefix=share_prefix, max_batch=8, fast_decode=fast_decode
+    )
     out = sampler.complete(PROMPTS, n=4, return_logprobs=True)
     assert any(stop == STOP_EOS for stops in out.stop_reasons for stop in stops)  # rows were dropped mid-batch
     for prompt, per_prompt_ids, per_prompt_logprobs in zip(PROMPTS, out.token_ids, out.logprobs):
@@ -243,12 +246,20 @@ def _exact_two_token_marginals(model, tokenizer, prompt: str, temperature: float
     return first, second
 
 
-@pytest.mark.parametrize("share_prefix", [True, False])
-def test_sampling_distribution_matches_the_model(model, tokenizer, share_prefix: bool) -> None:
+@pytest.mark.parametrize(("share_prefix", "fast_decode"), [(True, True), (False, True), (True, False)])
+def test_sampling_distribution_matches_the_model(model, tokenizer, share_prefix: bool, fast_decode: bool) -> None:
     """First- and second-token frequencies match the exact model distribution (shared and unshared)."""
     temperature, n = 0.7, 3000
     target_prompt = PROMPTS[2]  # the shortest: left-padded next to the others
-    sampler = Sampler(model, tokenizer, max_new_tokens=2, temperature=temperature, seed=11, share_prefix=share_prefix)
+    sampler = Sampler(
+        model,
+        tokenizer,
+        max_new_tokens=2,
+        temperature=temperature,
+        seed=11,
+        share_prefix=share_prefix,
+        fast_decode=fast_decode,
+    )
     out = sampler.complete([PROMPTS[3], target_prompt], n=n)
     samples = out.token_ids[1]
     first_probs, second_probs = _exact_two_token_marginals(model, tokenizer, target_prompt, temperature)

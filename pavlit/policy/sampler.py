@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pavlit.policy.fast_decode import SUPPORTED_ARCHITECTURES, GroupedDecoder, supports_fast_decode
+
 STOP_EOS = "eos"
 STOP_DELIMITER = "delimiter"
 STOP_MAX_STEPS = "max_steps"
@@ -220,6 +222,9 @@ class Sampler:
         share_prefix: Prefill each prompt once and expand its KV cache ``n`` times (same distribution as
             ``n`` independent prefills, fewer FLOPs).
         device: Where to run; default: the model's device.
+        fast_decode: Decode with :class:`~pavlit.policy.fast_decode.GroupedDecoder` (plain-torch layers, one
+            KV copy per prompt shared by its samples) instead of the model's Hugging Face forward. ``None``
+            (default): whenever the model's architecture is supported; ``False``: never.
 
     Attributes:
         compact_fraction: Finished rows are dropped from the decoding batch (a copy of its KV cache) once they
@@ -238,6 +243,7 @@ class Sampler:
         delimiter: str = "\n",
         share_prefix: bool = True,
         device: str | torch.device | None = None,
+        fast_decode: bool | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -269,6 +275,13 @@ class Sampler:
         # causal attention whose implementation takes a dense mask (sliding-window models need one per type).
         self._mask_kind = attn if layer_types == {"full_attention"} and attn in ("sdpa", "eager") else "2d"
         self.compact_fraction = 0.25
+        supported = supports_fast_decode(model)
+        if fast_decode and not supported:
+            raise ValueError(
+                f"fast_decode=True needs a model of architecture {', '.join(SUPPORTED_ARCHITECTURES)}; "
+                f"got {type(model).__name__} (use fast_decode=None to pick automatically)"
+            )
+        self._fast_decode = supported if fast_decode is None else bool(fast_decode)
         self._token_texts: list[str] | None = None
         self._delimiter_tables: dict[str, tuple[torch.Tensor, bool]] = {}
 
@@ -510,7 +523,7 @@ class Sampler:
         input_ids, mask2d = input_ids.to(device), mask2d.to(device)
         positions = (mask2d[:, :width].cumsum(-1) - 1).clamp(min=0)
 
-        cache = self._new_cache(capacity)
+        cache = self._new_cache(width if self._fast_decode else capacity)
         kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True}
         if self._keep_kw is not None:
             kwargs[self._keep_kw] = 1
@@ -521,7 +534,21 @@ class Sampler:
 
         # Expand every prefilled prompt to its samples: rows of the same prompt share the prefix's KV.
         expand = torch.repeat_interleave(torch.arange(len(prompts), device=device), counts_t)
-        if len(prompts) != rows:
+        decoder = None
+        if self._fast_decode and getattr(cache, "layers", None):
+            # One copy of each prompt's KV, attended to by all its samples at once (pavlit.policy.fast_decode).
+            decoder = GroupedDecoder(
+                self.model,
+                [layer.keys for layer in cache.layers],
+                [layer.values for layer in cache.layers],
+                mask2d[:, :width] if padded else None,
+                counts_t,
+                max_new_tokens,
+            )
+            cache = None  # the decoder holds the prompts' KV now
+            if len(prompts) != rows:
+                logits = logits[expand]
+        elif len(prompts) != rows:
             cache.batch_select_indices(expand)
             logits = logits[expand]
         mask2d = mask2d[expand]
@@ -576,11 +603,18 @@ class Sampler:
             if stale and stale >= self.compact_fraction * rows_now:
                 # Drop finished rows once enough of the batch is dead weight (compaction copies the cache).
                 keep = alive.nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
+                if decoder is not None:
+                    decoder.select(keep)
+                else:
+                    cache.batch_select_indices(keep)
                 row_ids, alive, tokens = row_ids[keep], alive[keep], tokens[keep]
                 position, mask2d = position[keep], mask2d[keep]
                 if mask4d is not None:
                     mask4d = mask4d[keep]
+            if decoder is not None:
+                logits = decoder.step(tokens, position)
+                position = position + 1
+                continue
             kv_length = width + t + 1
             step_kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True}
             if not padded:

@@ -1,0 +1,161 @@
+"""The plain-torch grouped decoder computes what the Hugging Face forward computes, token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pavlit.policy.fast_decode import supports_fast_decode
+from pavlit.policy.loading import tiny_policy
+from pavlit.policy.sampler import Sampler
+from pavlit.policy.tokenizer import build_char_tokenizer
+from pavlit.tasks.arithmetic import ALPHABET
+
+PROMPTS = ["Compute 3+4.\n", "Compute (12*3)-5.\n36-5\n", "C", "Compute ((4+4)*(5-1))-17+2.\n8*4\n"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer(ALPHABET)
+
+
+def sharpened(model: torch.nn.Module) -> torch.nn.Module:
+    """Untied random output layer and sharp attention, so position, mask and cache bugs change the text."""
+    generator = torch.Generator().manual_seed(0)
+    model.lm_head.weight = torch.nn.Parameter(0.5 * torch.randn(model.lm_head.weight.shape, generator=generator))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return sharpened(tiny_policy(tokenizer, n_layer=2, n_embd=32, n_head=2, seed=0))
+
+
+@pytest.fixture(scope="module")
+def gqa_model(tokenizer):
+    """Grouped-query attention (4 query heads share 2 key/value heads) and projection biases."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(1)
+    return sharpened(LlamaForCausalLM(config))
+
+
+def run_both(model, tokenizer, call: str = "complete", n: int = 5, **options):
+    """The same seeded call through the Hugging Face path and the grouped decoder."""
+    outputs = []
+    for fast in (False, True):
+        sampler = Sampler(model, tokenizer, fast_decode=fast, **options)
+        assert sampler._fast_decode is fast
+        outputs.append(getattr(sampler, call)(PROMPTS, n=n, seed=7, return_logprobs=True))
+    return outputs
+
+
+def assert_same(slow, fast) -> None:
+    assert fast.token_ids == slow.token_ids
+    assert fast.texts == slow.texts and fast.stop_reasons == slow.stop_reasons
+    assert (fast.generated_tokens, fast.prompt_tokens) == (slow.generated_tokens, slow.prompt_tokens)
+    for slow_rows, fast_rows in zip(slow.logprobs, fast.logprobs):
+        for slow_lp, fast_lp in zip(slow_rows, fast_rows):
+            assert torch.allclose(torch.tensor(fast_lp), torch.tensor(slow_lp), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_new_tokens": 24},  # left-padded prompts, rows finishing at different times (ragged compaction)
+        {"max_new_tokens": 24, "max_batch": 3},  # a prompt's samples split over batches
+        {"max_new_tokens": 24, "share_prefix": False},  # one group per row
+        {"max_new_tokens": 24, "temperature": 0.0},
+        {"max_new_tokens": 12, "top_p": 0.8},
+    ],
+)
+def test_sampled_tokens_equal_the_hf_path(model, tokenizer, options) -> None:
+    slow, fast = run_both(model, tokenizer, **options)
+    if options.get("temperature") != 0.0:  # rows really ended at different steps (greedy rows all run on)
+        assert len({len(ids) for rows in slow.token_ids for ids in rows}) > 2
+    assert_same(slow, fast)
+
+
+def test_compaction_leaves_ragged_groups(model, tokenizer) -> None:
+    """Dropping finished rows at every step leaves prompts with unequal sample counts; still exact."""
+    outputs = []
+    for fast in (False, True):
+        sampler = Sampler(model, tokenizer, fast_decode=fast, max_new_tokens=24)
+        sampler.compact_fraction = 1e-9
+        outputs.append(sampler.complete(PROMPTS, n=6, seed=3, return_logprobs=True))
+    assert_same(*outputs)
+
+
+def test_next_step_equals_the_hf_path(model, tokenizer) -> None:
+    assert_same(*run_both(model, tokenizer, call="next_step", n=4, max_new_tokens=16))
+
+
+def test_grouped_query_attention_and_biases(gqa_model, tokenizer) -> None:
+    assert_same(*run_both(gqa_model, tokenizer, max_new_tokens=20))
+
+
+def test_lora_adapter_is_applied(model, tokenizer) -> None:
+    """A LoRA-wrapped policy decodes through its adapters (the projections are called as modules)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    )
+    with torch.no_grad():
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)  # a non-zero adapter, so ignoring it would change the text
+    assert supports_fast_decode(lora)
+    slow, fast = run_both(lora, tokenizer, max_new_tokens=16, temperature=0.0, n=1)
+    assert_same(slow, fast)
+    plain = Sampler(model, tokenizer, max_new_tokens=16, temperature=0.0).complete(PROMPTS, n=1)
+    assert plain.token_ids != fast.token_ids
+
+
+def test_unsupported_architectures_use_the_hf_path(tokenizer) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            n_positions=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    ).eval()
+    assert not supports_fast_decode(gpt2)
+    sampler = Sampler(gpt2, tokenizer, max_new_tokens=4)
+    assert sampler._fast_decode is False
+    assert sampler.complete(PROMPTS[:1], n=2).num_samples == 2
+    with pytest.raises(ValueError, match="fast_decode=True needs a model of architecture LlamaForCausalLM"):
+        Sampler(gpt2, tokenizer, fast_decode=True)
