@@ -30,6 +30,39 @@ settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
+def sharpened(model: torch.nn.Module) -> torch.nn.Module:
+    """A random tiny Llama made sensitive to decoding bugs, in eval mode.
+
+    With tied embeddings a random model just repeats its last token, which would hide padding and position bugs;
+    an independent random output layer gives varied greedy text and non-uniform distributions. Sharp attention
+    makes outputs depend on positions and masks (near-uniform attention would hide those bugs).
+    """
+    generator = torch.Generator().manual_seed(0)
+    model.lm_head.weight = torch.nn.Parameter(0.5 * torch.randn(model.lm_head.weight.shape, generator=generator))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer():
+    """The arithmetic task's character tokenizer."""
+    from pavlit.policy.tokenizer import build_char_tokenizer
+    from pavlit.tasks.arithmetic import ALPHABET
+
+    return build_char_tokenizer(ALPHABET)
+
+
+@pytest.fixture(scope="module")
+def sharp_tiny_model(char_tokenizer):
+    """A 2-layer, width-32 tiny policy, :func:`sharpened`."""
+    from pavlit.policy.loading import tiny_policy
+
+    return sharpened(tiny_policy(char_tokenizer, n_layer=2, n_embd=32, n_head=2, seed=0))
+
+
 @pytest.fixture
 def fixtures_on_path(monkeypatch: pytest.MonkeyPatch) -> Path:
     """Put ``tests/fixtures`` on ``sys.path`` so YAML configs can name its classes (``pavlit_toy_modules.ToyData``)."""

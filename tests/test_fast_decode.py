@@ -4,43 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import sharpened
 
 from pavlit.policy.fast_decode import supports_fast_decode
-from pavlit.policy.loading import tiny_policy
 from pavlit.policy.sampler import Sampler
-from pavlit.policy.tokenizer import build_char_tokenizer
-from pavlit.tasks.arithmetic import ALPHABET
 
 PROMPTS = ["Compute 3+4.\n", "Compute (12*3)-5.\n36-5\n", "C", "Compute ((4+4)*(5-1))-17+2.\n8*4\n"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module")
+def tokenizer(char_tokenizer):
+    return char_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer(ALPHABET)
-
-
-def sharpened(model: torch.nn.Module) -> torch.nn.Module:
-    """Untied random output layer and sharp attention, so position, mask and cache bugs change the text."""
-    generator = torch.Generator().manual_seed(0)
-    model.lm_head.weight = torch.nn.Parameter(0.5 * torch.randn(model.lm_head.weight.shape, generator=generator))
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return sharpened(tiny_policy(tokenizer, n_layer=2, n_embd=32, n_head=2, seed=0))
+def model(sharp_tiny_model):
+    return sharp_tiny_model
 
 
 @pytest.fixture(scope="module")

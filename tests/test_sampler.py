@@ -9,7 +9,6 @@ from collections import Counter
 import pytest
 import torch
 
-from pavlit.policy.loading import tiny_policy
 from pavlit.policy.sampler import (
     STOP_DELIMITER,
     STOP_EOS,
@@ -20,7 +19,6 @@ from pavlit.policy.sampler import (
     _cut_after,
     sample_tokens,
 )
-from pavlit.policy.tokenizer import build_char_tokenizer
 
 try:
     from pavlit.tasks.arithmetic import ALPHABET
@@ -30,33 +28,14 @@ except ImportError:
 PROMPTS = ["Compute 3+4.\n", "Compute (12*3)-5.\n36-5\n", "C", "Compute ((4+4)*(5-1))-17+2.\n8*4\n"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny batches gain nothing from a second thread, and on a shared machine OpenMP spinning costs a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module")
+def tokenizer(char_tokenizer):
+    return char_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer(ALPHABET)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    model = tiny_policy(tokenizer, n_layer=2, n_embd=32, n_head=2, seed=0)
-    # With tied embeddings a random model just repeats its last token, which would hide padding and position
-    # bugs; an independent random output layer gives varied greedy text and non-uniform distributions.
-    generator = torch.Generator().manual_seed(0)
-    model.lm_head.weight = torch.nn.Parameter(0.5 * torch.randn(model.lm_head.weight.shape, generator=generator))
-    # Sharp attention makes outputs depend on positions and masks (near-uniform attention would hide those bugs).
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
-    return model
+def model(sharp_tiny_model):
+    return sharp_tiny_model
 
 
 def chi2_critical(dof: int, z: float = 3.719) -> float:
