@@ -16,6 +16,9 @@ every stage can also be run alone), plus the file whose existence means the stag
 A finished stage is skipped on a rerun, so rerunning the command after an interruption resumes (stages that
 resume internally, like ``label``, ``search`` and ``fit``, also keep their own finished chunks and checkpoints).
 ``shared_args`` are appended to every stage of the given command (e.g. ``{fit: [--trainer.accelerator, cpu]}``).
+A stage marked ``parallel: true`` runs at the same time as the stage before it (the ORM and PAV fits need the same
+labels and not each other); concurrent stages split the CPU cores between them through ``OMP_NUM_THREADS`` and
+their output lines are tagged with the stage name.
 Stages run as subprocesses of the same Python, so a crash in one is reported with its log and never leaves the
 next stage reading half-written outputs. At the end, every stage's ``metrics.json`` and ``report.md`` (with their
 PNG plots) are gathered into ``<run_dir>/report.md``.
@@ -35,6 +38,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,12 +58,15 @@ class Stage:
         output: A file that exists once the stage has finished; the stage is skipped when it exists.
         report: Folder holding the stage's ``metrics.json`` / ``report.md`` / PNGs for the final report
             (default: the folder of ``output``).
+        parallel: Run at the same time as the stage before it (which must not need this one's output), e.g. the
+            ORM and PAV fits. Concurrent stages split the CPU cores between them (``OMP_NUM_THREADS``).
     """
 
     name: str
     command: list[str]
     output: str
     report: str | None = None
+    parallel: bool = False
 
 
 def pipeline(run_dir: str, stages: list[Stage], shared_args: dict[str, list[str]] | None = None) -> Path:
@@ -82,46 +89,101 @@ def pipeline(run_dir: str, stages: list[Stage], shared_args: dict[str, list[str]
     (root / "logs").mkdir(parents=True, exist_ok=True)
     shared_args = shared_args or {}
     timings: dict[str, Any] = {}
-    for index, stage in enumerate(stages, start=1):
-        banner = f"[{index}/{len(stages)}] {stage.name}"
-        running = root / "logs" / f"{stage.name}.running"
-        if Path(stage.output).exists() and not running.exists():
-            print(f"{banner}: done already ({stage.output})", flush=True)
-            timings[stage.name] = "reused"
-            continue
-        if running.exists():
-            print(f"{banner}: interrupted last time; running it again (it resumes where it can)", flush=True)
-        command = _command_line(stage.command + shared_args.get(stage.command[0], []))
-        print(f"{banner}: {' '.join(command[1:]) if command[1:2] == ['-m'] else ' '.join(command)}", flush=True)
-        log_path = root / "logs" / f"{stage.name}.log"
-        atomic_write_text(running, f"{os.getpid()}\n")
-        start = time.perf_counter()
-        with log_path.open("a", encoding="utf-8") as log:
-            # The stage's own progress bar goes to the terminal (stderr); its full output also lands in the log.
-            process = subprocess.Popen(
-                command,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                bufsize=1,
-                preexec_fn=functools.partial(_die_with_parent, os.getpid()) if sys.platform == "linux" else None,
-            )
-            assert process.stdout is not None
-            for line in process.stdout:
-                log.write(line)
-                sys.stderr.write(line)
-            returncode = process.wait()
-        seconds = time.perf_counter() - start
-        if returncode != 0:
-            raise RuntimeError(f"stage {stage.name!r} failed (exit {returncode}); its log: {log_path}")
-        if not Path(stage.output).exists():
-            raise RuntimeError(f"stage {stage.name!r} finished but did not write {stage.output}; its log: {log_path}")
-        running.unlink()
-        timings[stage.name] = round(seconds, 1)
-        print(f"{banner}: finished in {seconds:.0f} s", flush=True)
+    for group in _parallel_groups(stages):
+        pending = []
+        for index, stage in group:
+            banner = f"[{index}/{len(stages)}] {stage.name}"
+            running = root / "logs" / f"{stage.name}.running"
+            if Path(stage.output).exists() and not running.exists():
+                print(f"{banner}: done already ({stage.output})", flush=True)
+                timings[stage.name] = "reused"
+                continue
+            if running.exists():
+                print(f"{banner}: interrupted last time; running it again (it resumes where it can)", flush=True)
+            pending.append((banner, stage))
+        threads = None if len(pending) < 2 else max(1, (os.cpu_count() or 1) // len(pending))
+        runs = [_StageRun(root, banner, stage, shared_args, threads, len(pending) > 1) for banner, stage in pending]
+        for run in runs:
+            run.wait()
+        failed = [run for run in runs if run.error]
+        if failed:
+            raise RuntimeError("; ".join(run.error for run in failed))
+        for run in runs:
+            timings[run.stage.name] = round(run.seconds, 1)
+            print(f"{run.banner}: finished in {run.seconds:.0f} s", flush=True)
     report = write_report(root, stages, timings)
     print(f"report: {report}", flush=True)
     return report
+
+
+def _parallel_groups(stages: list[Stage]) -> list[list[tuple[int, Stage]]]:
+    """Consecutive stages joined by ``parallel: true`` (with the one before), numbered from 1."""
+    groups: list[list[tuple[int, Stage]]] = []
+    for index, stage in enumerate(stages, start=1):
+        if stage.parallel and groups:
+            groups[-1].append((index, stage))
+        else:
+            groups.append([(index, stage)])
+    return groups
+
+
+class _StageRun:
+    """One stage's subprocess: started on construction, its output copied to its log and to the terminal."""
+
+    def __init__(
+        self,
+        root: Path,
+        banner: str,
+        stage: Stage,
+        shared_args: dict[str, list[str]],
+        threads: int | None,
+        tag_lines: bool,
+    ) -> None:
+        self.banner, self.stage, self.error = banner, stage, ""
+        self.running = root / "logs" / f"{stage.name}.running"
+        self.log_path = root / "logs" / f"{stage.name}.log"
+        command = _command_line(stage.command + shared_args.get(stage.command[0], []))
+        shown = " ".join(command[1:]) if command[1:2] == ["-m"] else " ".join(command)
+        note = f" ({threads} thread{'s' * (threads != 1)}, beside other stages)" if threads else ""
+        print(f"{banner}: {shown}{note}", flush=True)
+        env = dict(os.environ)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)  # concurrent stages split the cores instead of fighting over them
+        atomic_write_text(self.running, f"{os.getpid()}\n")
+        self.start = time.perf_counter()
+        self.log = self.log_path.open("a", encoding="utf-8")
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env=env,
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()) if sys.platform == "linux" else None,
+        )
+        prefix = f"[{stage.name}] " if tag_lines else ""
+        self.reader = threading.Thread(target=self._copy_output, args=(prefix,), daemon=True)
+        self.reader.start()
+
+    def _copy_output(self, prefix: str) -> None:
+        # The stage's own progress bar goes to the terminal (stderr); its full output also lands in the log.
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.log.write(line)
+            sys.stderr.write(prefix + line)
+
+    def wait(self) -> None:
+        returncode = self.process.wait()
+        self.reader.join()
+        self.log.close()
+        self.seconds = time.perf_counter() - self.start
+        name = self.stage.name
+        if returncode != 0:
+            self.error = f"stage {name!r} failed (exit {returncode}); its log: {self.log_path}"
+        elif not Path(self.stage.output).exists():
+            self.error = f"stage {name!r} finished but did not write {self.stage.output}; its log: {self.log_path}"
+        else:
+            self.running.unlink()
 
 
 def _die_with_parent(parent: int) -> None:

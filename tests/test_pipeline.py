@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -63,3 +64,54 @@ def test_a_stage_that_writes_no_output_is_an_error(tmp_path, capsys):
     stages = [{"name": "silent", "command": ["python", "-c", "pass"], "output": str(tmp_path / "missing.json")}]
     assert main(["pipeline", "--config", str(_config(tmp_path, stages))]) == 1
     assert "did not write" in capsys.readouterr().err
+
+
+def test_parallel_stages_run_together_and_split_the_cores(tmp_path, capsys):
+    """Each of the two parallel stages waits for the other's file: run one after the other, both would time out."""
+    left, right, after = tmp_path / "left.json", tmp_path / "right.json", tmp_path / "after.txt"
+    meet = tmp_path / "meet.py"
+    meet.write_text(
+        "import json, os, pathlib, sys, time\n"
+        "mine, theirs = map(pathlib.Path, sys.argv[1:])\n"
+        "mine.write_text(json.dumps(os.environ['OMP_NUM_THREADS']))\n"
+        "deadline = time.monotonic() + 60\n"
+        "while not theirs.exists():\n"
+        "    assert time.monotonic() < deadline, 'the partner stage never started'\n"
+        "    time.sleep(0.05)\n"
+        "pathlib.Path(str(mine) + '.done').write_text('ok')\n"
+    )
+    stages = [
+        {"name": "orm", "command": ["python", str(meet), str(left), str(right)], "output": f"{left}.done"},
+        {
+            "name": "pav",
+            "command": ["python", str(meet), str(right), str(left)],
+            "output": f"{right}.done",
+            "parallel": True,
+        },
+        {"name": "after", "command": ["python", "-c", _write(after, "ran")], "output": str(after)},
+    ]
+    assert main(["pipeline", "--config", str(_config(tmp_path, stages))]) == 0
+    threads = json.dumps(str(max(1, (os.cpu_count() or 1) // 2)))
+    assert left.read_text() == right.read_text() == threads
+    assert after.read_text() == "ran"
+    out = capsys.readouterr().out
+    assert "beside other stages" in out and "[2/3] pav: finished" in out
+
+
+def test_a_failing_parallel_stage_lets_its_partner_finish(tmp_path, capsys):
+    partner = tmp_path / "partner.txt"
+    stages = [
+        {"name": "partner", "command": ["python", "-c", _write(partner, "kept")], "output": str(partner)},
+        {
+            "name": "broken",
+            "command": ["python", "-c", "raise SystemExit(2)"],
+            "output": str(tmp_path / "x"),
+            "parallel": True,
+        },
+    ]
+    assert main(["pipeline", "--config", str(_config(tmp_path, stages))]) == 1
+    assert partner.read_text() == "kept"
+    assert "stage 'broken' failed (exit 2)" in capsys.readouterr().err
+    # The finished partner is reused on the rerun; only the broken stage runs again.
+    assert not (tmp_path / "run" / "logs" / "partner.running").exists()
+    assert (tmp_path / "run" / "logs" / "broken.running").exists()
