@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import sharpened
@@ -100,8 +102,6 @@ def test_grouped_query_attention_and_biases(gqa_model, tokenizer) -> None:
 
 def test_lora_adapter_is_applied(model, tokenizer) -> None:
     """A LoRA-wrapped policy decodes through its adapters (the projections are called as modules)."""
-    import copy
-
     from peft import LoraConfig, get_peft_model
 
     lora = get_peft_model(
@@ -138,3 +138,34 @@ def test_unsupported_architectures_use_the_hf_path(tokenizer) -> None:
     assert sampler.complete(PROMPTS[:1], n=2).num_samples == 2
     with pytest.raises(ValueError, match="fast_decode=True needs a model of architecture LlamaForCausalLM"):
         Sampler(gpt2, tokenizer, fast_decode=True)
+
+
+def test_position_dependent_rope_is_recomputed_each_step(tokenizer) -> None:
+    """Dynamic NTK RoPE changes with the sequence length: no table, the model's rotary module runs per step.
+
+    HF's dynamic RoPE is stateful (the module keeps the frequencies of the longest sequence seen), so each path
+    gets its own copy of the model, starting from the same state.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,  # short, so decoding passes it and the scaling kicks in
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(2)
+    dynamic = sharpened(LlamaForCausalLM(config))
+    assert dynamic.model.rotary_emb.rope_type == "dynamic"
+    outputs = []
+    for fast in (False, True):
+        sampler = Sampler(copy.deepcopy(dynamic), tokenizer, fast_decode=fast, max_new_tokens=24)
+        assert sampler._fast_decode is fast
+        outputs.append(sampler.complete(PROMPTS, n=3, seed=7, return_logprobs=True))
+    assert_same(*outputs)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position alone
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -132,9 +133,9 @@ class GroupedDecoder:
         self.prefix_bias = bias[:, None, None, :]  # [G, 1, 1, width]: broadcast over kv heads and query rows
 
         # Static RoPE types give the same cos/sin for a position whatever else is in the batch: tabulate them once
-        # for every position this decode can reach; dynamic types are recomputed per step like HF does.
+        # for every position this decode can reach; others (dynamic, longrope) are recomputed per step like HF does.
         self.rope_table = None
-        if "dynamic" not in str(getattr(self.rotary, "rope_type", "default")):
+        if getattr(self.rotary, "rope_type", "default") in STATIC_ROPE_TYPES:
             reach = width + capacity + 1
             probe = first.new_zeros((1, reach, 1))
             cos, sin = self.rotary(probe, torch.arange(reach, device=self.device)[None])
