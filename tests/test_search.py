@@ -357,6 +357,16 @@ def test_compute_efficiency_interpolates_on_log_compute():
     assert "does **not reach**" in report.render_markdown(weak, e)
 
 
+def test_no_efficiency_ratio_against_a_baseline_that_solves_nothing():
+    """Any line "reaches" accuracy 0 at its smallest budget; that is no evidence of efficiency (seen on Gemma)."""
+    points = [_point("orm", 1, 0.0, 127), _point("orm", 4, 0.0, 450)]
+    points += [_point("pav", 1, 0.0, 198), _point("pav", 4, 0.125, 526)]
+    e = report.compute_efficiency(points, "orm", "pav")
+    assert e["ratio"] is None and e["baseline_solves_nothing"]
+    text = report.render_markdown(points, e)
+    assert "solves no problem" in text and "more compute-efficient" not in text
+
+
 def test_summarise_and_render_from_a_tiny_results_set(tmp_path):
     records = [
         {

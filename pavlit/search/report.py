@@ -152,7 +152,8 @@ def compute_efficiency(points: Sequence[Point], baseline: str, target: str) -> d
     """The compute-efficiency ratio of PAPER.md §5 between two lines.
 
     ``ratio`` = generated tokens ``baseline`` spends at its largest budget ÷ tokens ``target`` needs to reach the
-    same accuracy (interpolated on log-compute), ``None`` when ``target`` never reaches it. Also the ``target``
+    same accuracy (interpolated on log-compute), ``None`` when ``target`` never reaches it or the baseline's accuracy
+    is 0 (nothing to match). Also the ``target``
     accuracy at the baseline's compute (interpolated; ``None`` outside the target's measured range).
     """
     base = sorted((p for p in points if p.line == baseline), key=lambda p: p.budget)
@@ -170,7 +171,9 @@ def compute_efficiency(points: Sequence[Point], baseline: str, target: str) -> d
         "baseline_accuracy": top.accuracy,
         "baseline_tokens": top.tokens,
         "target_tokens_to_match": needed,
-        "ratio": None if needed is None or needed <= 0 else top.tokens / needed,
+        # Matching a baseline that solves nothing is free: no ratio then, whatever the token counts say.
+        "ratio": None if needed is None or needed <= 0 or top.accuracy <= 0 else top.tokens / needed,
+        "baseline_solves_nothing": top.accuracy <= 0,
         "reached_at_smallest_budget": needed is not None
         and needed == tgt[0].tokens
         and tgt[0].accuracy >= top.accuracy,
@@ -220,7 +223,13 @@ def render_markdown(
             f"Baseline `{e['baseline']}` at its largest budget ({e['baseline_budget']}): accuracy "
             f"{e['baseline_accuracy']:.3f} for {_fmt_tokens(e['baseline_tokens'])} generated tokens per problem."
         )
-        if e["ratio"] is None:
+        if e.get("baseline_solves_nothing"):
+            lines.append(
+                "The baseline solves no problem at that budget, so matching it means nothing: no efficiency ratio "
+                f"(`{e['target']}`'s best: {e['target_best_accuracy']:.3f} at budget {e['target_best_budget']}, "
+                f"{_fmt_tokens(e['target_best_tokens'])} tokens)."
+            )
+        elif e["ratio"] is None:
             lines.append(
                 f"`{e['target']}` does **not reach** that accuracy at the budgets measured (its best: "
                 f"{e['target_best_accuracy']:.3f} at budget {e['target_best_budget']}, "
