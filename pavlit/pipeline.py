@@ -96,7 +96,9 @@ def pipeline(run_dir: str, stages: list[Stage], shared_args: dict[str, list[str]
             running = root / "logs" / f"{stage.name}.running"
             if Path(stage.output).exists() and not running.exists():
                 print(f"{banner}: done already ({stage.output})", flush=True)
-                timings[stage.name] = "reused"
+                seconds_file = root / "logs" / f"{stage.name}.seconds"
+                ran = seconds_file.read_text().strip() if seconds_file.exists() else ""
+                timings[stage.name] = f"reused (ran in {ran} s)" if ran else "reused"
                 continue
             if running.exists():
                 print(f"{banner}: interrupted last time; running it again (it resumes where it can)", flush=True)
@@ -183,6 +185,8 @@ class _StageRun:
         elif not Path(self.stage.output).exists():
             self.error = f"stage {name!r} finished but did not write {self.stage.output}; its log: {self.log_path}"
         else:
+            # How long the stage took, for the reports of later runs that reuse it.
+            atomic_write_text(self.log_path.with_suffix(".seconds"), f"{self.seconds:.1f}\n")
             self.running.unlink()
 
 

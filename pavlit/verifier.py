@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
+from torchmetrics.classification import BinaryAUROC
+from torchmetrics.utilities import dim_zero_cat
 
 from pavlit.labeling.shards import atomic_write_text
 from pavlit.models.adapters import LoRAArgs, QuantArgs, apply_lora, check_compatible, load_quantized
@@ -37,6 +39,8 @@ from pavlit.models.heads import HEAD_TYPES, LikelihoodHead, TokenHead, ValueHead
 from pavlit.policy.sources import ModelSource, Pretrained
 
 __all__ = [
+    "DefinedAUROC",
+    "defined_metrics",
     "EXPORT_FILE",
     "HEAD_FILE",
     "ConstantBaseline",
@@ -367,6 +371,25 @@ def likelihood_features(
 
 
 # --- metrics -----------------------------------------------------------------------------------------------------
+
+
+class DefinedAUROC(BinaryAUROC):
+    """Binary AUROC that is ``None`` when the (synced) targets hold one class only.
+
+    AUROC is undefined then; torchmetrics returns 0 with a warning, which reads as "ranks every pair wrong". A
+    verifier trained on labels that are all 0 (a policy that solves nothing) would report exactly that.
+    """
+
+    def compute(self) -> torch.Tensor | None:  # type: ignore[override]
+        target = dim_zero_cat(self.target) if isinstance(self.target, list) else self.target
+        if target.numel() == 0 or bool((target == target.flatten()[0]).all()):
+            return None
+        return super().compute()
+
+
+def defined_metrics(values: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """``values`` without the undefined (``None``) ones, as float tensors for ``log_dict``."""
+    return {name: value.float() for name, value in values.items() if value is not None}
 
 
 class SoftCalibrationError(Metric):

@@ -46,6 +46,7 @@ def test_stages_run_in_order_and_are_reused_on_rerun(tmp_path, capsys):
     assert main(["pipeline", "--config", str(config)]) == 0
     assert counter.read_text() == "x"  # stage b was finished: not run again
     assert "done already" in capsys.readouterr().out
+    assert "| b | reused (ran in " in (tmp_path / "run" / "report.md").read_text()  # its first run's time is kept
 
 
 def test_a_failing_stage_stops_the_pipeline_naming_its_log(tmp_path, capsys):

@@ -346,7 +346,8 @@ def test_orm_parameters_change_after_one_step_and_scores(labels_dir, tmp_path):
     assert scores.shape == (3,) and ((scores > 0) & (scores < 1)).all()
     single = module.score_responses(["Qb:"], ["no\n"])
     assert torch.allclose(single, scores[1:2], atol=1e-6)
-    assert {"val/bce", "val/auroc", "val/accuracy", "val/baseline_bce"} <= set(fit.callback_metrics)
+    # One validation batch of one class here: AUROC is undefined and left out (DefinedAUROC).
+    assert {"val/bce", "val/accuracy", "val/baseline_bce"} <= set(fit.callback_metrics)
     reloaded = ORMModule.from_pretrained(tmp_path / "verifier")
     assert torch.allclose(
         reloaded.score_responses(["Qa:", "Qb:", "Qa:"], ["ok\nok\n", "no\n", "ok\n"]), scores, atol=1e-5
@@ -547,3 +548,17 @@ def test_export_uses_the_best_monitored_checkpoint_not_the_last_step(labels_dir,
     exported = PAVModule.from_pretrained(tmp_path / "verifier")
     for name, value in exported.value_head.state_dict().items():
         assert torch.equal(value, best[f"value_head.{name}"])
+
+
+def test_auroc_is_left_out_when_validation_holds_one_class():
+    """All-zero labels (a policy that solves nothing) make AUROC undefined: no number rather than a wrong 0."""
+    from pavlit.verifier import DefinedAUROC, defined_metrics
+
+    metric = DefinedAUROC()
+    metric.update(torch.tensor([0.2, 0.7, 0.4]), torch.tensor([0, 0, 0]))
+    assert metric.compute() is None
+    assert defined_metrics({"val/auroc": metric.compute(), "val/bce": torch.tensor(0.5)}) == {
+        "val/bce": torch.tensor(0.5)
+    }
+    metric.update(torch.tensor([0.9]), torch.tensor([1]))
+    assert float(metric.compute()) == pytest.approx(1.0)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
-from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+from torchmetrics.classification import BinaryAccuracy
 
 from pavlit.data.outcomes import outcome_tokens
 from pavlit.models.adapters import LoRAArgs, QuantArgs, check_compatible
@@ -25,12 +25,14 @@ from pavlit.policy.sources import ModelSource, TinyPolicy
 from pavlit.steps import pad_step_batch
 from pavlit.verifier import (
     ConstantBaseline,
+    DefinedAUROC,
     accelerator_name,
     as_group,
     as_model_source,
     build_head,
     build_reference,
     configure_adam_warmup_cosine,
+    defined_metrics,
     export_init_args,
     export_on_train_end,
     load_backbone,
@@ -84,7 +86,7 @@ class ORMModule(LightningModule):
         self.value_head = build_head(head_type, self.backbone.config.hidden_size, self.tokenizer, score_token)
         self.reference = build_reference(self.backbone, head_type)
         self.val_bce = MeanMetric()
-        self.val_auroc = BinaryAUROC()
+        self.val_auroc = DefinedAUROC()
         self.val_accuracy = BinaryAccuracy()
         self.val_baseline = ConstantBaseline()
         self._sharded = False
@@ -137,7 +139,7 @@ class ORMModule(LightningModule):
                 "val/baseline_accuracy": baseline["accuracy"],
                 "val/bce_gain": baseline["bce"] - bce,
             }
-            self.log_dict({name: value.float() for name, value in values.items()})
+            self.log_dict(defined_metrics(values))
         for metric in (self.val_bce, self.val_auroc, self.val_accuracy, self.val_baseline):
             metric.reset()
 

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric, MeanSquaredError
-from torchmetrics.classification import BinaryAUROC
 
 from pavlit.interfaces import Prover
 from pavlit.models.adapters import LoRAArgs, QuantArgs, check_compatible
@@ -34,6 +33,7 @@ from pavlit.steps import StepTokens, pad_step_batch, step_end_token_indices
 from pavlit.values import advantages
 from pavlit.verifier import (
     ConstantBaseline,
+    DefinedAUROC,
     SoftCalibrationError,
     accelerator_name,
     as_group,
@@ -41,6 +41,7 @@ from pavlit.verifier import (
     build_head,
     build_reference,
     configure_adam_warmup_cosine,
+    defined_metrics,
     export_init_args,
     export_on_train_end,
     load_backbone,
@@ -100,7 +101,7 @@ class PAVModule(LightningModule):
         self.val_bce = MeanMetric()
         self.val_mse = MeanSquaredError()
         self.val_calibration = SoftCalibrationError()
-        self.val_auroc = BinaryAUROC()
+        self.val_auroc = DefinedAUROC()
         self.val_baseline = ConstantBaseline()
         self._sharded = False
 
@@ -146,7 +147,7 @@ class PAVModule(LightningModule):
                 "val/baseline_mse": baseline["mse"],
                 "val/bce_gain": baseline["bce"] - bce,
             }
-            self.log_dict({name: value.float() for name, value in values.items()}, prog_bar=False)
+            self.log_dict(defined_metrics(values), prog_bar=False)
         for metric in metrics:
             metric.reset()
 
