@@ -25,10 +25,11 @@ pytestmark = [
     ),
 ]
 
-# Every stage at its smallest: two optimizer steps per fit, two problems per labelling / search split.
+# Every stage at its smallest: two optimizer steps per fit, a few problems per labelling / search split (four
+# labelled problems, so that the verifiers' split by problem can leave some on each side).
 SMALL = {
-    "fit": ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2"],
-    "label": ["--num_problems", "2", "--label.n_cov", "1", "--label.n_mc", "1", "--label.max_steps", "3"],
+    "fit": ["--trainer.max_steps", "2"],
+    "label": ["--num_problems", "4", "--label.n_cov", "1", "--label.n_mc", "1", "--label.max_steps", "3"],
     "search": ["--num_problems", "2", "--budgets", "[1, 2]", "--max_new_tokens", "96"],
 }
 
