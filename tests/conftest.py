@@ -63,6 +63,22 @@ def sharp_tiny_model(char_tokenizer):
     return sharpened(tiny_policy(char_tokenizer, n_layer=2, n_embd=32, n_head=2, seed=0))
 
 
+# Prompts of different lengths (one a single character), so batches are left-padded.
+DECODE_PROMPTS = ["Compute 3+4.\n", "Compute (12*3)-5.\n36-5\n", "C", "Compute ((4+4)*(5-1))-17+2.\n8*4\n"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(char_tokenizer):
+    """The sampler tests' tokenizer: :func:`char_tokenizer`."""
+    return char_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model(sharp_tiny_model):
+    """The sampler tests' model: :func:`sharp_tiny_model`."""
+    return sharp_tiny_model
+
+
 @pytest.fixture
 def fixtures_on_path(monkeypatch: pytest.MonkeyPatch) -> Path:
     """Put ``tests/fixtures`` on ``sys.path`` so YAML configs can name its classes (``pavlit_toy_modules.ToyData``)."""

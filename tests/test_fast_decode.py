@@ -6,44 +6,36 @@ import copy
 
 import pytest
 import torch
+from conftest import DECODE_PROMPTS as PROMPTS
 from conftest import sharpened
 
 from pavlit.policy.fast_decode import supports_fast_decode
 from pavlit.policy.sampler import Sampler
 
-PROMPTS = ["Compute 3+4.\n", "Compute (12*3)-5.\n36-5\n", "C", "Compute ((4+4)*(5-1))-17+2.\n8*4\n"]
 
-
-@pytest.fixture(scope="module")
-def tokenizer(char_tokenizer):
-    return char_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model(sharp_tiny_model):
-    return sharp_tiny_model
-
-
-@pytest.fixture(scope="module")
-def gqa_model(tokenizer):
-    """Grouped-query attention (4 query heads share 2 key/value heads) and projection biases."""
+def small_llama(tokenizer, seed: int, **config) -> torch.nn.Module:
+    """A 2-layer, width-32 Llama with ``config`` overrides, :func:`sharpened`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_bias=True,
+        num_attention_heads=2,
         max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(1)
-    return sharpened(LlamaForCausalLM(config))
+    torch.manual_seed(seed)
+    return sharpened(LlamaForCausalLM(LlamaConfig(**{**settings, **config})))
+
+
+@pytest.fixture(scope="module")
+def gqa_model(tokenizer):
+    """Grouped-query attention (4 query heads share 2 key/value heads) and projection biases."""
+    return small_llama(tokenizer, 1, num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
 
 
 def run_both(model, tokenizer, call: str = "complete", n: int = 5, **options):
@@ -146,22 +138,12 @@ def test_position_dependent_rope_is_recomputed_each_step(tokenizer) -> None:
     HF's dynamic RoPE is stateful (the module keeps the frequencies of the longest sequence seen), so each path
     gets its own copy of the model, starting from the same state.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+    dynamic = small_llama(
+        tokenizer,
+        2,
         max_position_embeddings=16,  # short, so decoding passes it and the scaling kicks in
         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(2)
-    dynamic = sharpened(LlamaForCausalLM(config))
     assert dynamic.model.rotary_emb.rope_type == "dynamic"
     outputs = []
     for fast in (False, True):

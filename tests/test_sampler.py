@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import DECODE_PROMPTS as PROMPTS
 
 from pavlit.policy.sampler import (
     STOP_DELIMITER,
@@ -19,23 +20,6 @@ from pavlit.policy.sampler import (
     _cut_after,
     sample_tokens,
 )
-
-try:
-    from pavlit.tasks.arithmetic import ALPHABET
-except ImportError:
-    ALPHABET = "0123456789+-*=() :\nACenorsuwmpt."
-
-PROMPTS = ["Compute 3+4.\n", "Compute (12*3)-5.\n36-5\n", "C", "Compute ((4+4)*(5-1))-17+2.\n8*4\n"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(char_tokenizer):
-    return char_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model(sharp_tiny_model):
-    return sharp_tiny_model
 
 
 def chi2_critical(dof: int, z: float = 3.719) -> float:
