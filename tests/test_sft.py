@@ -153,6 +153,18 @@ def test_rft_keeps_only_correct_rollouts(task, tokenizer, tmp_path):
     assert len(data.val_examples) == 6  # validation still uses the task's reference solutions
 
 
+def test_rollouts_folder_reads_every_chunk_in_name_order(tmp_path):
+    folder = tmp_path / "rollouts"
+    folder.mkdir()
+    for index, name in enumerate(["chunk-000001.jsonl", "chunk-000000.jsonl"]):
+        row = {"problem_id": f"p{1 - index}", "prompt": "q", "response": "r", "correct": index == 0}
+        (folder / name).write_text(json.dumps(row) + "\n")
+    (folder / "notes.txt").write_text("not a rollout")
+    assert [r.problem_id for r in read_rollouts(folder)] == ["p0", "p1"]
+    with pytest.raises(ValueError, match="needs \\*.jsonl files"):
+        read_rollouts(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("bad_line", "message"),
     [

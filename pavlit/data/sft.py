@@ -102,12 +102,21 @@ def collate_sft(examples: Sequence[SFTExample], pad_id: int) -> dict[str, torch.
 
 
 def read_rollouts(path: str | Path) -> list[Rollout]:
-    """Every rollout of a JSONL rollouts file (correct or not), checked line by line.
+    """Every rollout of a JSONL rollouts file, or of every ``*.jsonl`` file in a folder (correct or not).
+
+    A folder is what ``pavlit label`` writes under ``<output_dir>/rollouts`` (one file per chunk); its files are read
+    in name order.
 
     Raises:
         ValueError: a line is not a JSON object with string ``problem_id``/``prompt``/``response`` and a boolean
-            (or 0/1) ``correct``; the message starts with ``file:line``.
+            (or 0/1) ``correct`` (the message starts with ``file:line``), or a folder holds no ``*.jsonl`` file.
     """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.jsonl"))
+        if not files:
+            raise ValueError(f"{path}: a rollouts folder needs *.jsonl files (as pavlit label's <output_dir>/rollouts)")
+        return [rollout for file in files for rollout in read_rollouts(file)]
     rollouts = []
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -150,7 +159,8 @@ class SFTDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         response_source: ``"reference"`` (SFT on reference solutions) or ``"rollouts"`` (RFT: fine-tune on a
             run's correct rollouts, read from ``rollouts_path``).
-        rollouts_path: The JSONL rollouts file for ``response_source="rollouts"`` (format: module docstring).
+        rollouts_path: The JSONL rollouts file for ``response_source="rollouts"`` (format: module docstring), or a
+            folder of them such as a labeling run's ``rollouts/``.
         on_too_long: What to do with an example longer than ``max_length``: ``"skip"`` (counted and logged as a
             warning) or ``"error"``.
         seed: Seed of the training shuffle.
