@@ -102,6 +102,8 @@ def test_beam_q_alone_vs_advantage_on_the_papers_two_step_example(alpha, kept):
     # The root grows x2 to width 2, then stays there: 1, 2, 2 states expanded, 2 children each.
     assert [len(prefixes) for prefixes, _ in sampler.calls] == [1, 2, 2]
     assert result["step_samples"] == 2 + 4 + 4 and result["verifier_calls"] == 2 + 4 + 2
+    # Only depth 2 has more children (4) than slots (2); there the advantage changes the kept set, Q alone cannot.
+    assert (result["contested"], result["reranked"]) == (1, int(alpha > 0))
     # Without dedupe (the paper's literal rule) the two copies of the best answer fill both slots.
     [literal] = BeamSearch(children=2, max_steps=5).run(
         [PROBLEM], 2, task=LineTask(), sampler=TreeSampler(PROBLEM.prompt, TOY_TREE), reward=TableReward(TOY_Q, alpha)
@@ -391,6 +393,26 @@ def test_summarise_and_render_from_a_tiny_results_set(tmp_path):
     assert "| m | 2 | 0.500 |" in text and "![accuracy vs generated tokens](plot.png)" in text
     png = report.plot_accuracy_vs_compute(points, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tree_decisions_average_the_counters_and_skip_best_of_n():
+    records = [
+        {"method": "beam", "budget": 4, "candidates": 2, "contested": 3, "reranked": 1},
+        {"method": "beam", "budget": 4, "candidates": 4, "contested": 1, "reranked": 0},
+        {"method": "bon", "budget": 4, "candidates": 4},
+    ]
+    [row] = report.tree_decisions(records)
+    assert row == {
+        "method": "beam",
+        "budget": 4,
+        "problems": 2,
+        "candidates": 3.0,
+        "contested": 2.0,
+        "reranked": 0.5,
+        "problems_reranked": 0.5,
+    }
+    text = report.render_markdown([], decisions=[row])
+    assert "| beam | 4 | 3.0 | 2.00 | 0.50 | 50% |" in text
 
 
 # ------------------------------------------------------------------------------------------ pavlit search (CLI)

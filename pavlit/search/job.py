@@ -234,6 +234,7 @@ def _records(
                     "verifier_calls": int(result.get("verifier_calls", 0)),
                     "reward_tokens": int(result.get("reward_tokens", 0)),
                     "candidates": result.get("candidates"),
+                    **{key: int(result[key]) for key in ("contested", "reranked") if key in result},
                     "picks": {k: bool(task.score(problem, v) >= 0.5) for k, v in (result.get("picks") or {}).items()},
                 }
             )
@@ -359,12 +360,14 @@ def _run(
         "methods": ", ".join(f"`{m.name}` = {m.search!r} + {m.reward!r}" for m in methods),
     }
     report.plot_accuracy_vs_compute(points, out / PLOT_NAME, title=f"{type(task).__name__}: accuracy vs compute")
-    markdown = report.render_markdown(points, eff, header, sweep_summary, PLOT_NAME)
+    decisions = report.tree_decisions(store.records())
+    markdown = report.render_markdown(points, eff, header, sweep_summary, PLOT_NAME, decisions)
     results = {
         "settings": settings,
         "points": report.points_as_dicts(points),
         "efficiency": eff,
         "alpha_sweep": sweep_summary,
+        "tree_decisions": decisions,
         "this_run": stats,
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")

@@ -184,6 +184,33 @@ def compute_efficiency(points: Sequence[Point], baseline: str, target: str) -> d
     }
 
 
+def tree_decisions(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per tree-search method and budget: mean finished candidates, contested and reranked selections per problem.
+
+    Records without ``contested`` (best-of-N, or written before pavlit recorded it) are skipped. A method whose
+    ``reranked`` is 0 everywhere chose exactly what ranking by ``Q̂^π`` alone would have (PQV beam search).
+    """
+    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for record in records:
+        if "contested" in record:
+            groups.setdefault((record["method"], int(record["budget"])), []).append(record)
+    rows = []
+    for (method, budget), group in groups.items():
+        n = len(group)
+        rows.append(
+            {
+                "method": method,
+                "budget": budget,
+                "problems": n,
+                "candidates": sum(r.get("candidates") or 0 for r in group) / n,
+                "contested": sum(r["contested"] for r in group) / n,
+                "reranked": sum(r["reranked"] for r in group) / n,
+                "problems_reranked": sum(r["reranked"] > 0 for r in group) / n,
+            }
+        )
+    return sorted(rows, key=lambda r: (r["method"], r["budget"]))
+
+
 def _fmt_tokens(x: float) -> str:
     return f"{x:,.0f}"
 
@@ -194,8 +221,10 @@ def render_markdown(
     header: Mapping[str, Any] | None = None,
     sweep: Mapping[str, Any] | None = None,
     plot_name: str | None = None,
+    decisions: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
-    """The ``report.md`` of a search run: settings, the accuracy-vs-compute table, efficiency, α sweep."""
+    """The ``report.md`` of a search run: settings, the accuracy-vs-compute table, efficiency, α sweep, and (given
+    :func:`tree_decisions` rows) where the tree searches' reward composition decided anything."""
     lines = ["# Test-time search: accuracy vs compute", ""]
     for key, value in (header or {}).items():
         lines.append(f"- **{key}**: {value}")
@@ -259,6 +288,24 @@ def render_markdown(
                 f"| {row['alpha']:.2f} | {row['accuracy']:.3f} | [{row['ci_low']:.3f}, {row['ci_high']:.3f}] |"
             )
         lines += ["", f"Chosen α = **{sweep['chosen']:.2f}** (highest accuracy, smaller α on ties); test uses it.", ""]
+    if decisions:
+        lines += [
+            "## Where the reward composition decided",
+            "",
+            "Per problem: distinct finished candidates; *contested* selections (more children than free beam",
+            "slots, so the ranking dropped some; elsewhere every child is kept whatever its reward); *reranked* ones",
+            "(the kept set differs from ranking by `Q̂^π` alone: the selections the advantage term changed). Two",
+            "compositions can only differ where the search is contested.",
+            "",
+            "| method | B | candidates | contested | reranked | problems with a reranked selection |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in decisions:
+            lines.append(
+                f"| {row['method']} | {row['budget']} | {row['candidates']:.1f} | {row['contested']:.2f} | "
+                f"{row['reranked']:.2f} | {row['problems_reranked']:.0%} |"
+            )
+        lines.append("")
     if plot_name:
         lines += [f"![accuracy vs generated tokens]({plot_name})", ""]
     return "\n".join(lines)

@@ -19,6 +19,10 @@ Rules (each a documented choice, PAPER.md §5 where it is explicit):
   continues with ``W − f`` states and ends when all ``W`` slots are finished.
 * The final answer is the finished candidate with the highest ``value`` (``Q̂^π``: the process verifier used as
   an outcome verifier), over all subtrees of the problem.
+* Two counters per problem say where the composition mattered: ``contested``, the (subtree, depth) selections
+  that had more children than free slots (elsewhere every child is kept, whatever the reward), and ``reranked``,
+  those among them whose kept set differs from the top children by ``Q̂^π`` alone (always 0 for ``pqv``; for
+  ``pav``, the selections the advantage term changed).
 * ``start="root"`` (default, the paper's literal reading): each subtree starts from the question alone and grows
   ×C per depth until it is ``W`` wide. ``start="samples"``: it starts from ``W`` copies of the question, so the
   first depth already samples ``W·C`` first steps.
@@ -112,7 +116,10 @@ class TreeSearch(Search):
         reward.bind(task, sampler)
         n_roots = width if self.start == "samples" else 1
         trees = [[_Subtree(width, [()] * n_roots) for _ in range(n_subtrees)] for _ in problems]
-        stats = [{"tokens": 0, "step_samples": 0, "verifier_calls": 0, "reward_tokens": 0} for _ in problems]
+        stats = [
+            {"tokens": 0, "step_samples": 0, "verifier_calls": 0, "reward_tokens": 0, "contested": 0, "reranked": 0}
+            for _ in problems
+        ]
         depth = 0
         while depth < self.max_steps:
             states = [
@@ -160,6 +167,10 @@ class TreeSearch(Search):
             for (p, t), group in kids.items():
                 tree = trees[p][t]
                 ranked = sorted(range(len(group)), key=lambda j: (-rewards[offset + j], j))[: tree.slots]
+                if len(group) > tree.slots:  # the ranking dropped someone: here the composition decides
+                    stats[p]["contested"] += 1
+                    by_value = sorted(range(len(group)), key=lambda j: (-values[offset + j], j))[: tree.slots]
+                    stats[p]["reranked"] += set(by_value) != set(ranked)
                 tree.active = []
                 for j in sorted(ranked, key=lambda j: (-rewards[offset + j], j)):
                     child, done = group[j]
