@@ -99,6 +99,8 @@ def test_beam_q_alone_vs_advantage_on_the_papers_two_step_example(alpha, kept):
     finished = [c["response"] for c in result["pool"]]
     assert sorted(finished) == sorted(h + TOY_TREE[h][0] for h in kept)
     assert result["response"] == ("B\nb1\nans ok\n" if alpha else "A\na1\nans no\n")
+    # The oracle pick is the search's ceiling: Q alone never finished a correct candidate.
+    assert result["picks"] == {"oracle": result["response"]}
     # The root grows x2 to width 2, then stays there: 1, 2, 2 states expanded, 2 children each.
     assert [len(prefixes) for prefixes, _ in sampler.calls] == [1, 2, 2]
     assert result["step_samples"] == 2 + 4 + 4 and result["verifier_calls"] == 2 + 4 + 2

@@ -18,7 +18,8 @@ Rules (each a documented choice, PAPER.md §5 where it is explicit):
   child leaves the beam and holds its slot for good: a subtree of width ``W`` with ``f`` finished candidates
   continues with ``W − f`` states and ends when all ``W`` slots are finished.
 * The final answer is the finished candidate with the highest ``value`` (``Q̂^π``: the process verifier used as
-  an outcome verifier), over all subtrees of the problem.
+  an outcome verifier), over all subtrees of the problem. The ``oracle`` pick (a correct finished candidate if
+  any, by the task's checker) is the search's own ceiling, as Pass@N is best-of-N's.
 * Two counters per problem say where the composition mattered: ``contested``, the (subtree, depth) selections
   that had more children than free slots (elsewhere every child is kept, whatever the reward), and ``reranked``,
   those among them whose kept set differs from the top children by ``Q̂^π`` alone (always 0 for ``pqv``; for
@@ -36,7 +37,7 @@ from typing import Any
 
 from pavlit.interfaces import Problem, Reward, Search, Task
 from pavlit.policy.sampler import STOP_EOS, STOP_LENGTH
-from pavlit.search.picks import argmax_first
+from pavlit.search.picks import argmax_first, oracle_pick
 
 __all__ = ["DVTS", "BeamSearch", "TreeSearch"]
 
@@ -185,6 +186,8 @@ class TreeSearch(Search):
             if not candidates:
                 raise RuntimeError("tree search ended without a finished candidate")  # max_steps finishes every child
             best = candidates[argmax_first([c.value for c in candidates])]
+            correct = [task.score(problems[p], "".join(c.steps)) >= 0.5 for c in candidates]
+            oracle = candidates[oracle_pick(correct)]
             results.append(
                 {
                     "response": "".join(best.steps),
@@ -193,7 +196,7 @@ class TreeSearch(Search):
                     "candidates": len(candidates),
                     "depth": depth,
                     **stats[p],
-                    "picks": {},
+                    "picks": {"oracle": "".join(oracle.steps)},  # the search's ceiling: any finished candidate
                     "pool": [{"response": "".join(c.steps), "reward": c.reward, "value": c.value} for c in candidates],
                 }
             )
