@@ -9,10 +9,13 @@ every ``--eval-every`` iterations, for ``--seeds`` seeds, with the same evaluati
     OMP_NUM_THREADS=1 python benchmarks/rl_compare.py --policy runs/tiny/sft/policy \\
         --verifier runs/tiny/pav/verifier --out runs/tiny/rl_compare
 
-Writes ``report.md``, ``results.json`` and ``accuracy_vs_iterations.png`` into ``--out``: accuracy vs iterations
-(mean and min–max over seeds), the sample-efficiency ratio (iterations ORM-RL needs to reach its final accuracy ÷
-iterations PAV-RL needs to reach the same, on the seed-mean curves and per seed), the final accuracy gap, and
-Pass@N on the test problems before and after RL.
+Each finished run is kept in ``--out/runs/<method>-<seed>.json`` with the settings it ran under, so an interrupted
+comparison resumes, and ``--methods`` / ``--first-seed`` split one comparison over several processes (one core
+each) that write into the same folder; the report covers every seed with both methods finished under the same
+settings. Writes ``report.md``, ``results.json`` and ``accuracy_vs_iterations.png`` into ``--out``: accuracy vs
+iterations (mean and min–max over seeds), the sample-efficiency ratio (iterations ORM-RL needs to reach its final
+accuracy ÷ iterations PAV-RL needs to reach the same, on the seed-mean curves and per seed), the final accuracy
+gap, and Pass@N on the test problems before and after RL.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from lightning.pytorch import Trainer, seed_everything  # noqa: E402
+from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 
 from pavlit.data.prompts import PromptDataModule  # noqa: E402
 from pavlit.modules.rl import PolicyRLModule  # noqa: E402
@@ -52,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--policy", default="runs/tiny/sft/policy", help="the initial (RFT/SFT) policy folder")
     parser.add_argument("--verifier", default="runs/tiny/pav/verifier", help="the PAV folder")
     parser.add_argument("--out", default="runs/tiny/rl_compare")
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=2, help="number of seeds, from --first-seed on")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="run only these")
     parser.add_argument("--iterations", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--eval-problems", type=int, default=64)
@@ -79,6 +84,47 @@ def make_task(args: argparse.Namespace) -> ArithmeticTask:
     return ArithmeticTask(
         difficulty=args.difficulty, seed=args.task_seed, n_train=args.n_train, n_validation=200, n_test=args.n_test
     )
+
+
+#: Arguments that do not change what a run computes (where it goes, which runs this process does).
+NOT_SETTINGS = ("out", "seeds", "first_seed", "methods")
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a finished run must have been run with to be reused."""
+    return {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+
+
+def load_run(path: Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished run from an earlier invocation, or ``None``; a run made with other settings is an error."""
+    if not path.exists():
+        return None
+    run = json.loads(path.read_text())
+    changed = sorted(k for k in wanted if run.get("settings", {}).get(k) != wanted[k])
+    if changed:
+        diffs = ", ".join(
+            f"--{k.replace('_', '-')} {run.get('settings', {}).get(k)!r} vs {wanted[k]!r}" for k in changed
+        )
+        raise SystemExit(f"{path} was run with other settings ({diffs}): use another --out or delete it")
+    return run
+
+
+class PrintEvaluations(Callback):
+    """One line per evaluation, so a long comparison shows where it is."""
+
+    def __init__(self, label: str, iterations: int) -> None:
+        self.label, self.iterations = label, iterations
+        self.start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: Trainer, module: PolicyRLModule) -> None:
+        if module.history and not trainer.sanity_checking:
+            row = module.history[-1]
+            elapsed = time.perf_counter() - self.start
+            print(
+                f"  {self.label}: iteration {row['step']}/{self.iterations} accuracy {row['accuracy']:.3f} "
+                f"({elapsed:.0f} s)",
+                flush=True,
+            )
 
 
 def make_module(method: str, seed: int, args: argparse.Namespace) -> PolicyRLModule:
@@ -140,6 +186,7 @@ def run_one(method: str, seed: int, task: ArithmeticTask, args: argparse.Namespa
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(Path(args.out) / f"{method}-{seed}"),
+        callbacks=[PrintEvaluations(f"{LABELS[method]} seed {seed}", args.iterations)],
     )
     start = time.perf_counter()
     trainer.validate(module, data, verbose=False)  # iteration 0: the initial policy
@@ -153,6 +200,7 @@ def run_one(method: str, seed: int, task: ArithmeticTask, args: argparse.Namespa
     return {
         "method": method,
         "seed": seed,
+        "settings": settings(args),
         "history": history,
         "final_accuracy": history[-1]["accuracy"],
         "pass_after": after,
@@ -273,16 +321,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     task = make_task(args)
-    initial = make_module("orm", 0, args)
-    pass_before = pass_at_n(initial, task, args)
+    wanted = settings(args)
+    initial_path = out / "runs" / "initial.json"
+    initial_path.parent.mkdir(exist_ok=True)
+    before = load_run(initial_path, wanted)
+    if before is None:
+        initial = make_module("orm", 0, args)
+        before = {"settings": wanted, "pass": pass_at_n(initial, task, args)}
+        del initial
+        initial_path.write_text(json.dumps(before, indent=2) + "\n")
+    pass_before = before["pass"]
     print(f"initial policy: {pass_before}", flush=True)
-    del initial
 
-    runs = []
-    for seed in range(args.seeds):
-        for method in METHODS:
-            run = run_one(method, seed, task, args)
-            runs.append(run)
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for method in args.methods:
+            path = out / "runs" / f"{method}-{seed}.json"
+            run = load_run(path, wanted)
+            if run is None:
+                run = run_one(method, seed, task, args)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(run, indent=2) + "\n")
+                tmp.replace(path)
             print(
                 f"{LABELS[method]} seed {seed}: "
                 + " ".join(f"{row['iteration']}:{row['accuracy']:.3f}" for row in run["history"])
@@ -290,6 +349,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 flush=True,
             )
 
+    # Every seed finished by both methods under these settings, whichever invocation ran it.
+    found = {m: {} for m in METHODS}
+    for path in sorted((out / "runs").glob("*-*.json")):
+        run = load_run(path, wanted)
+        found[run["method"]][run["seed"]] = run
+    seeds = sorted(set(found["pav"]) & set(found["orm"]))
+    if not seeds:
+        print(f"no seed has both methods finished in {out / 'runs'} yet: no report", flush=True)
+        return {}
+    runs = [found[m][seed] for seed in seeds for m in METHODS]
+    args.seeds = len(seeds)
     by_method = {m: [r for r in runs if r["method"] == m] for m in METHODS}
     curves = {m: mean_curve(by_method[m]) for m in METHODS}
     steps = curves["orm"][0]
