@@ -109,6 +109,13 @@ def load_run(path: Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
     return run
 
 
+def write_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON so that a reader (another process of the same comparison) never sees half a file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
 class PrintEvaluations(Callback):
     """One line per evaluation, so a long comparison shows where it is."""
 
@@ -329,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         initial = make_module("orm", 0, args)
         before = {"settings": wanted, "pass": pass_at_n(initial, task, args)}
         del initial
-        initial_path.write_text(json.dumps(before, indent=2) + "\n")
+        write_atomic(initial_path, before)
     pass_before = before["pass"]
     print(f"initial policy: {pass_before}", flush=True)
 
@@ -339,9 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run = load_run(path, wanted)
             if run is None:
                 run = run_one(method, seed, task, args)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(run, indent=2) + "\n")
-                tmp.replace(path)
+                write_atomic(path, run)
             print(
                 f"{LABELS[method]} seed {seed}: "
                 + " ".join(f"{row['iteration']}:{row['accuracy']:.3f}" for row in run["history"])
