@@ -353,6 +353,12 @@ def test_compute_efficiency_interpolates_on_log_compute():
     assert e["target_tokens_to_match"] == pytest.approx(2400)
     assert e["ratio"] == pytest.approx(6400 / 2400)
     assert e["target_accuracy_at_baseline_tokens"] is None  # 6400 is beyond pav's measured range
+    assert e["ratio_vs_first_reach"] == pytest.approx(6400 / 2400)  # orm improves up to its last budget
+    # A baseline flat from N = 16 on: the paper's ratio counts N = 64's tokens, the other one N = 16's.
+    flat = [_point("orm", 1, 0.2, 100), _point("orm", 16, 0.5, 1600), _point("orm", 64, 0.5, 6400)]
+    e = report.compute_efficiency(flat + points[2:], "orm", "pav")
+    assert e["ratio"] == pytest.approx(6400 / 2400) and e["ratio_vs_first_reach"] == pytest.approx(1600 / 2400)
+    assert "first reaches that accuracy at 1,600 tokens" in report.render_markdown(flat + points[2:], e)
     weak = [p for p in points if p.line == "orm"] + [_point("pav", 1, 0.1, 50), _point("pav", 2, 0.3, 7000)]
     e = report.compute_efficiency(weak, "orm", "pav")
     assert e["ratio"] is None and e["target_best_accuracy"] == 0.3
