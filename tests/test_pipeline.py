@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pavlit.cli import main
@@ -116,3 +117,19 @@ def test_a_failing_parallel_stage_lets_its_partner_finish(tmp_path, capsys):
     # The finished partner is reused on the rerun; only the broken stage runs again.
     assert not (tmp_path / "run" / "logs" / "partner.running").exists()
     assert (tmp_path / "run" / "logs" / "broken.running").exists()
+
+
+def test_shipped_pipeline_configs_name_files_that_exist(capsys):
+    """Every stage of the shipped pipelines parses, and the configs and scripts it names are in the repository."""
+    repo = Path(__file__).resolve().parents[1]
+    for config in sorted((repo / "configs").glob("*/pipeline*.yaml")):
+        with pytest.raises(SystemExit) as printed:  # --print_config prints, then exits
+            main(["pipeline", "--config", str(config), "--print_config"])
+        assert printed.value.code in (0, None), config
+        stages = yaml.safe_load(capsys.readouterr().out)["stages"]
+        for stage in stages:
+            command = [str(arg) for arg in stage["command"]]
+            named = [command[i + 1] for i, arg in enumerate(command[:-1]) if arg == "--config"]
+            named += [arg for arg in command if arg.endswith(".py")]
+            for path in named:
+                assert (repo / path).is_file(), f"{config.name}: stage {stage['name']} names missing {path}"
