@@ -334,20 +334,29 @@ def plot_accuracy_vs_compute(points: Sequence[Point], path: str | Path, title: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for line in dict.fromkeys(p.line for p in points):
+    lines = list(dict.fromkeys(p.line for p in points))
+    # Many lines (every method with its extra picks): one distinct colour each, the legend beside the axes.
+    colours = plt.get_cmap("tab20" if len(lines) > 10 else "tab10")
+    fig, ax = plt.subplots(figsize=(7 + 2.5 * (len(lines) > 6), 4.5), dpi=120)
+    for index, line in enumerate(lines):
         pts = sorted((p for p in points if p.line == line), key=lambda p: p.tokens)
         xs = [max(p.tokens, 1e-9) for p in pts]
         ys = [p.accuracy for p in pts]
         err = [[p.accuracy - p.ci_low for p in pts], [p.ci_high - p.accuracy for p in pts]]
         style = "--" if pts[0].pick == "oracle" else "-"
-        ax.errorbar(xs, ys, yerr=err, fmt="o" + style, capsize=2, markersize=4, linewidth=1.2, label=line)
+        ax.errorbar(
+            xs, ys, yerr=err, fmt="o" + style, capsize=2, markersize=4, linewidth=1.2, label=line,
+            color=colours(index % colours.N),
+        )  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("generated tokens per problem (log)")
     ax.set_ylabel("accuracy")
     ax.set_title(title or "accuracy vs compute")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    if len(lines) > 6:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
