@@ -114,6 +114,36 @@ def test_beam_q_alone_vs_advantage_on_the_papers_two_step_example(alpha, kept):
     assert [c["response"] for c in literal["pool"]] == [best_state + TOY_TREE[best_state][0]] * 2
 
 
+class ContainsReward:
+    """A final-pick composition: value 1 for a candidate whose text contains ``needle``, else 0."""
+
+    def __init__(self, needle: str) -> None:
+        self.needle, self.bound = needle, False
+
+    def bind(self, task, sampler):
+        self.bound = True
+
+    def score(self, problems, prefixes, finished=None):
+        value = torch.tensor([float(self.needle in "".join(s)) for s in prefixes])
+        return RewardScores(reward=value, value=value)
+
+
+def test_beam_final_reward_picks_among_the_same_finished_candidates():
+    run = dict(task=LineTask(), reward=TableReward(TOY_Q, 1.0))
+    [plain] = BeamSearch(children=2, max_steps=5, dedupe=True).run(
+        [PROBLEM], 2, sampler=TreeSampler(PROBLEM.prompt, TOY_TREE), **run
+    )
+    final = ContainsReward("a1")
+    [picked] = BeamSearch(children=2, max_steps=5, dedupe=True, final_reward=final).run(
+        [PROBLEM], 2, sampler=TreeSampler(PROBLEM.prompt, TOY_TREE), **run
+    )
+    # Same search, same pool; Q̂^π picks the correct B-branch answer, the final composition the A-branch one.
+    assert [c["response"] for c in picked["pool"]] == [c["response"] for c in plain["pool"]]
+    assert plain["response"] == "B\nb1\nans ok\n" and picked["response"] == "A\na1\nans no\n"
+    assert final.bound and picked["verifier_calls"] == plain["verifier_calls"] + len(plain["pool"])
+    assert picked["picks"] == plain["picks"]  # the ceiling does not depend on the pick
+
+
 def test_beam_start_from_samples_expands_b_copies_of_the_root():
     sampler = TreeSampler(PROBLEM.prompt, TOY_TREE)
     BeamSearch(children=2, max_steps=5, start="samples").run(

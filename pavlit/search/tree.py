@@ -18,7 +18,8 @@ Rules (each a documented choice, PAPER.md §5 where it is explicit):
   child leaves the beam and holds its slot for good: a subtree of width ``W`` with ``f`` finished candidates
   continues with ``W − f`` states and ends when all ``W`` slots are finished.
 * The final answer is the finished candidate with the highest ``value`` (``Q̂^π``: the process verifier used as
-  an outcome verifier), over all subtrees of the problem. The ``oracle`` pick (a correct finished candidate if
+  an outcome verifier), over all subtrees of the problem; with ``final_reward`` (e.g. the ORM), the one with the
+  highest value under that composition instead. The ``oracle`` pick (a correct finished candidate if
   any, by the task's checker) is the search's own ceiling, as Pass@N is best-of-N's.
 * Two counters per problem say where the composition mattered: ``contested``, the (subtree, depth) selections
   that had more children than free slots (elsewhere every child is kept, whatever the reward), and ``reranked``,
@@ -73,6 +74,8 @@ class TreeSearch(Search):
         start: ``"root"`` or ``"samples"`` (see the module docstring).
         dedupe: Drop a child whose steps equal another child's of the same subtree before ranking (off in the
             paper; on, a confident policy's identical samples stop filling the beam with copies).
+        final_reward: Pick the answer among the finished candidates by this composition's ``value`` (e.g. an
+            ``ORMReward``) instead of the search reward's ``Q̂^π`` (``None``, the paper); its calls are counted.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class TreeSearch(Search):
         max_step_tokens: int | None = None,
         start: str = "root",
         dedupe: bool = False,
+        final_reward: Reward | None = None,
     ) -> None:
         if children < 1:
             raise ValueError(f"children must be >= 1, got {children}")
@@ -94,6 +98,7 @@ class TreeSearch(Search):
         self.max_step_tokens = max_step_tokens
         self.start = start
         self.dedupe = dedupe
+        self.final_reward = final_reward
 
     def subtrees(self, budget: int) -> tuple[int, int]:
         """``(number of subtrees, width of each)`` per problem for ``budget``."""
@@ -180,12 +185,13 @@ class TreeSearch(Search):
                     else:
                         tree.active.append(child)
                 offset += len(group)
+        finals = self._final_values(problems, trees, stats, task, sampler)
         results = []
         for p, subtrees in enumerate(trees):
             candidates = [c for tree in subtrees for c in tree.finished]
             if not candidates:
                 raise RuntimeError("tree search ended without a finished candidate")  # max_steps finishes every child
-            best = candidates[argmax_first([c.value for c in candidates])]
+            best = candidates[argmax_first(finals[p] if finals is not None else [c.value for c in candidates])]
             correct = [task.score(problems[p], "".join(c.steps)) >= 0.5 for c in candidates]
             oracle = candidates[oracle_pick(correct)]
             results.append(
@@ -202,6 +208,22 @@ class TreeSearch(Search):
             )
         return results
 
+    def _final_values(
+        self, problems: Sequence[Problem], trees: list[list[_Subtree]], stats: list[dict], task: Task, sampler: Any
+    ) -> list[list[float]] | None:
+        """Each problem's finished candidates scored by ``final_reward`` in one call, or ``None`` without it."""
+        if self.final_reward is None:
+            return None
+        self.final_reward.bind(task, sampler)
+        flat = [(p, c) for p, subtrees in enumerate(trees) for tree in subtrees for c in tree.finished]
+        scores = self.final_reward.score([problems[p] for p, _ in flat], [c.steps for _, c in flat], [True] * len(flat))
+        values: list[list[float]] = [[] for _ in problems]
+        for i, ((p, _), value) in enumerate(zip(flat, scores.value.tolist())):
+            values[p].append(value)
+            stats[p]["verifier_calls"] += 1 if scores.calls is None else scores.calls[i]
+            stats[p]["reward_tokens"] += 0 if scores.tokens is None else scores.tokens[i]
+        return values
+
 
 class BeamSearch(TreeSearch):
     """Step-level beam search of width ``B`` (the budget), ``C`` children per state, global top-B (PAPER.md §5).
@@ -212,10 +234,12 @@ class BeamSearch(TreeSearch):
         max_step_tokens: Cap on one step's tokens (default: the sampler's).
         start: ``"root"`` (grow ×C from the question until width B) or ``"samples"`` (start from B copies).
         dedupe: Drop duplicate children before ranking.
+        final_reward: Composition that picks the answer among finished candidates (``None``: ``Q̂^π``, the paper).
     """
 
     def __repr__(self) -> str:
-        return f"BeamSearch(children={self.children}, start={self.start!r})"
+        final = "" if self.final_reward is None else f", final_reward={type(self.final_reward).__name__}"
+        return f"BeamSearch(children={self.children}, start={self.start!r}{final})"
 
 
 class DVTS(TreeSearch):
@@ -229,15 +253,28 @@ class DVTS(TreeSearch):
         max_steps: Deepest response, in steps.
         max_step_tokens: Cap on one step's tokens (default: the sampler's).
         dedupe: Drop duplicate children before ranking.
+        final_reward: Composition that picks the answer among finished candidates (``None``: ``Q̂^π``).
     """
 
     def __init__(
-        self, children: int = 4, max_steps: int = 16, max_step_tokens: int | None = None, dedupe: bool = False
+        self,
+        children: int = 4,
+        max_steps: int = 16,
+        max_step_tokens: int | None = None,
+        dedupe: bool = False,
+        final_reward: Reward | None = None,
     ) -> None:
-        super().__init__(children=children, max_steps=max_steps, max_step_tokens=max_step_tokens, dedupe=dedupe)
+        super().__init__(
+            children=children,
+            max_steps=max_steps,
+            max_step_tokens=max_step_tokens,
+            dedupe=dedupe,
+            final_reward=final_reward,
+        )
 
     def subtrees(self, budget: int) -> tuple[int, int]:
         return max(1, budget // self.children), 1
 
     def __repr__(self) -> str:
-        return f"DVTS(children={self.children})"
+        final = "" if self.final_reward is None else f", final_reward={type(self.final_reward).__name__}"
+        return f"DVTS(children={self.children}{final})"
