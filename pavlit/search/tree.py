@@ -64,6 +64,13 @@ class _Subtree:
         return self.width - len(self.finished)
 
 
+def _add_costs(stats: list[dict[str, int]], owners: Sequence[int], scores: Any) -> None:
+    """Charge each scored prefix's verifier calls and reward tokens to the problem ``owners[i]`` it belongs to."""
+    for i, p in enumerate(owners):
+        stats[p]["verifier_calls"] += 1 if scores.calls is None else scores.calls[i]
+        stats[p]["reward_tokens"] += 0 if scores.tokens is None else scores.tokens[i]
+
+
 class TreeSearch(Search):
     """Batched step-level tree search; see the module docstring for the rules.
 
@@ -166,9 +173,7 @@ class TreeSearch(Search):
                 [problems[key[0]] for key, _, _ in flat], [c for _, c, _ in flat], [d for *_, d in flat]
             )
             rewards, values = scores.reward.tolist(), scores.value.tolist()
-            for i, ((p, _), _, _) in enumerate(flat):
-                stats[p]["verifier_calls"] += 1 if scores.calls is None else scores.calls[i]
-                stats[p]["reward_tokens"] += 0 if scores.tokens is None else scores.tokens[i]
+            _add_costs(stats, [p for (p, _), _, _ in flat], scores)
             offset = 0
             for (p, t), group in kids.items():
                 tree = trees[p][t]
@@ -178,7 +183,7 @@ class TreeSearch(Search):
                     by_value = sorted(range(len(group)), key=lambda j: (-values[offset + j], j))[: tree.slots]
                     stats[p]["reranked"] += set(by_value) != set(ranked)
                 tree.active = []
-                for j in sorted(ranked, key=lambda j: (-rewards[offset + j], j)):
+                for j in ranked:  # best first
                     child, done = group[j]
                     if done:
                         tree.finished.append(_Candidate(child, rewards[offset + j], values[offset + j], depth))
@@ -217,11 +222,10 @@ class TreeSearch(Search):
         self.final_reward.bind(task, sampler)
         flat = [(p, c) for p, subtrees in enumerate(trees) for tree in subtrees for c in tree.finished]
         scores = self.final_reward.score([problems[p] for p, _ in flat], [c.steps for _, c in flat], [True] * len(flat))
+        _add_costs(stats, [p for p, _ in flat], scores)
         values: list[list[float]] = [[] for _ in problems]
-        for i, ((p, _), value) in enumerate(zip(flat, scores.value.tolist())):
+        for (p, _), value in zip(flat, scores.value.tolist()):
             values[p].append(value)
-            stats[p]["verifier_calls"] += 1 if scores.calls is None else scores.calls[i]
-            stats[p]["reward_tokens"] += 0 if scores.tokens is None else scores.tokens[i]
         return values
 
 
