@@ -14,6 +14,7 @@ from pavlit.models.adapters import (
     apply_lora,
     check_compatible,
     count_parameters,
+    cpu_4bit_kernels,
     from_pretrained_kwargs,
     load_adapter,
     load_quantized,
@@ -334,7 +335,47 @@ def test_adapter_io_errors(tmp_path):
 # --- bitsandbytes on CPU -----------------------------------------------------------------------------------------
 
 
-def test_qlora_nf4_trains_adapters_and_reloads(bnb, tiny_dir, tmp_path):
+def force_bnb_cpu_kernel(monkeypatch: pytest.MonkeyPatch, fused: bool) -> None:
+    """Make bitsandbytes believe the CPU has (or lacks) AVX512-BF16, for the 4-bit layers built from now on.
+
+    ``Linear4bit.__init__`` reads ``has_avx512bf16()`` to decide whether its first inference forward repacks the
+    weight for the fused CPU kernel; patching it forces either branch whatever this machine's CPU has. The
+    kernel itself is registered at import from the real capability, so a forced ``True`` can be run (not only
+    selected) only on a CPU that has AVX512-BF16.
+    """
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: fused)
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
+def dequantized(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The float32 weights every 4-bit layer of ``model`` represents, whichever layout bitsandbytes stores."""
+    import copy
+
+    import bitsandbytes.functional as F
+
+    weights = {}
+    for name, module in model.named_modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        data, state = module.weight.data, module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            data, state = F._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+        weights[name] = F.dequantize_4bit(data, state).float()
+    return weights
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["generic-cpu", "avx512bf16-cpu"])
+def test_qlora_nf4_trains_adapters_and_reloads(bnb, tiny_dir, tmp_path, monkeypatch, fused):
+    force_bnb_cpu_kernel(monkeypatch, fused)
     quant = QuantArgs(mode="nf4", compute_dtype="float32")
     lora = LoRAArgs(enabled=True, r=4, dropout=0.0)
     check_compatible(lora, quant, precision="32-true", training=True, accelerator="cpu")
@@ -345,19 +386,36 @@ def test_qlora_nf4_trains_adapters_and_reloads(bnb, tiny_dir, tmp_path):
     assert count_parameters(base)[1] == count_parameters(tiny_llama())[1]
     with pytest.raises(ValueError, match="lora.enabled=False"):
         check_compatible(LoRAArgs(), quant, training=True)
+    # the 4-bit weights represent the float weights up to NF4 rounding: half the widest gap between NF4 levels,
+    # (1 - 0.6962) / 2 of each 64-value block's absmax, plus the 8-bit rounding of that absmax (double quant)
+    reference = dict(tiny_llama().named_modules())
+    weights = dequantized(base)
+    assert len(weights) == LAYERS * 7
+    for name, weight in weights.items():
+        exact = reference[name].weight.detach()
+        assert weight.shape == exact.shape
+        error, scale = (weight - exact).reshape(-1, 64).abs(), exact.reshape(-1, 64).abs().amax(1, keepdim=True)
+        assert (error <= 0.16 * scale).all()
 
     model = apply_lora(base, lora, quant)
-    packed = {n: p.detach().clone() for n, p in model.named_parameters() if p.__class__.__name__ == "Params4bit"}
-    assert len(packed) == LAYERS * 7
-    before = snapshot(model)
+    # training never repacks in place, whichever kernel bitsandbytes offers
+    assert set(cpu_4bit_kernels(model).values()) == {"generic"}
+    before, before_weights = snapshot(model), dequantized(model)
     ids = tokens()
     out = model(input_ids=ids, labels=ids)
     assert torch.isfinite(out.loss)
     sgd_step(model, out.loss)
+    # a validation pass in between (eval mode, no grad), then training again: what Lightning does every epoch
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=tokens(4))
+    model.train()
+    sgd_step(model, model(input_ids=ids, labels=ids).loss)
     after = snapshot(model)
     assert all(not torch.equal(before[n], after[n]) for n in after if "lora_B" in n)
-    assert all(torch.equal(before[n], after[n]) for n in after if "lora_" not in n)
-    assert all(torch.equal(packed[n], after[n]) for n in packed)
+    assert all(torch.equal(before[n], after[n]) for n in after if "lora_" not in n and "weight" not in n)
+    after_weights = dequantized(model)
+    assert all(torch.equal(before_weights[n], after_weights[n]) for n in before_weights)
 
     model.eval()
     with torch.no_grad():
@@ -368,6 +426,89 @@ def test_qlora_nf4_trains_adapters_and_reloads(bnb, tiny_dir, tmp_path):
     with torch.no_grad():
         assert torch.equal(restored(input_ids=tokens(3)).logits, expected)
     assert {n for n, p in restored.named_parameters() if p.requires_grad} == {n for n in after if "lora_" in n}
+
+
+@pytest.mark.parametrize(
+    ("fused", "compute_dtype", "kernel", "reason"),
+    [
+        (True, "bfloat16", "avx512-bf16", None),
+        (True, "float32", "generic", "compute_dtype is float32"),
+        (False, "bfloat16", "generic", None),
+    ],
+)
+def test_4bit_inference_kernel_is_chosen_per_layer(
+    bnb, tiny_dir, monkeypatch, caplog, fused, compute_dtype, kernel, reason
+):
+    force_bnb_cpu_kernel(monkeypatch, fused)
+    with caplog.at_level(logging.INFO, logger="pavlit.models.adapters"):
+        model = load_quantized(tiny_dir, QuantArgs(mode="nf4", compute_dtype=compute_dtype), device="cpu")
+    kernels = cpu_4bit_kernels(model)
+    assert len(kernels) == LAYERS * 7 and set(kernels.values()) == {kernel}
+    if reason is not None:
+        assert f"0 of {LAYERS * 7} layers use bitsandbytes' AVX512-BF16 kernel" in caplog.text and reason in caplog.text
+    # a model that will be trained never keeps the fused (inference-only, in-place) kernel
+    apply_lora(model, LoRAArgs(enabled=True, r=2), QuantArgs(mode="nf4", compute_dtype=compute_dtype))
+    assert set(cpu_4bit_kernels(model).values()) == {"generic"}
+
+
+def test_4bit_inference_on_layers_narrower_than_the_block_size(bnb, tmp_path, monkeypatch, caplog):
+    # hidden 32 < the 4-bit block size 64: bitsandbytes' AVX512-BF16 repacking fails on such layers
+    # ("shape '[32, 0]' is invalid"); pavlit keeps them quantized on the generic kernel instead.
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    quant = QuantArgs(mode="nf4", compute_dtype="bfloat16")
+    logits = {}
+    for fused in (True, False):
+        force_bnb_cpu_kernel(monkeypatch, fused)
+        with caplog.at_level(logging.INFO, logger="pavlit.models.adapters"):
+            model = load_quantized(tmp_path, quant, device="cpu")
+        kernels = cpu_4bit_kernels(model)
+        # only down_proj (64 -> 32) has an input as wide as a block, and its 32 outputs fit the layout
+        assert {n for n, k in kernels.items() if k == "avx512-bf16"} == (
+            {"model.layers.0.mlp.down_proj"} if fused else set()
+        )
+        if not cpu_has_avx512_bf16():
+            model.model.layers[0].mlp.down_proj.support_avx512bf16_for_cpu = False  # forced: not runnable here
+        with torch.no_grad():
+            logits[fused] = model(input_ids=tokens()).logits.float()
+    assert "input width 32 is not a multiple of the 4-bit block size 64" in caplog.text
+    assert torch.isfinite(logits[True]).all()
+    assert (logits[True] - logits[False]).abs().max() <= 0.05 * logits[False].abs().max()
+
+
+@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the fused kernel runs only on a CPU with AVX512-BF16")
+def test_avx512_bf16_kernel_matches_the_generic_kernel(bnb, tiny_dir, monkeypatch):
+    quant = QuantArgs(mode="nf4", compute_dtype="bfloat16")
+    fused_model = load_quantized(tiny_dir, quant, device="cpu")
+    assert set(cpu_4bit_kernels(fused_model).values()) == {"avx512-bf16"}
+    weights = dequantized(fused_model)
+    with torch.no_grad():
+        fused = fused_model(input_ids=tokens(3)).logits.float()
+    assert all(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for _, m in _layers4(fused_model))
+    force_bnb_cpu_kernel(monkeypatch, False)
+    generic_model = load_quantized(tiny_dir, quant, device="cpu")
+    with torch.no_grad():
+        generic = generic_model(input_ids=tokens(3)).logits.float()
+    # both compute in bfloat16 from the same 4-bit codes; the fused layout keeps the block scales in bfloat16
+    assert (fused - generic).abs().max() <= 0.05 * generic.abs().max()
+    for name, weight in dequantized(generic_model).items():
+        assert torch.allclose(weights[name], weight, rtol=1e-2, atol=1e-3)
+    # once repacked for inference, the model cannot be trained: load it again
+    with pytest.raises(ValueError, match="load the model again"):
+        apply_lora(fused_model, LoRAArgs(enabled=True), quant)
+
+
+def _layers4(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "support_avx512bf16_for_cpu")]
 
 
 def test_int8_lora_trains_on_cpu(bnb, tiny_dir):

@@ -422,10 +422,16 @@ def test_lora_trains_adapters_and_head_only_and_exports_the_adapter(labels_dir, 
     assert torch.allclose(PAVModule.from_pretrained(export).score_prefixes(["Qa:"], [[GOOD, BAD]])[0], expected)
 
 
-def test_qlora_nf4_fast_dev_run_on_cpu(labels_dir, tiny_folder, tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["generic-cpu", "avx512bf16-cpu"])
+def test_qlora_nf4_fast_dev_run_on_cpu(labels_dir, tiny_folder, tmp_path, monkeypatch, fused):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pytest.importorskip("bitsandbytes")
+    from test_adapters import force_bnb_cpu_kernel
+
+    # Both bitsandbytes CPU branches, whatever this CPU has: the tiny backbone's 32-wide layers are narrower than
+    # a 4-bit block, which bitsandbytes' AVX512-BF16 repacking cannot hold, and fast_dev_run validates in eval mode.
+    force_bnb_cpu_kernel(monkeypatch, fused)
     quant = QuantArgs(mode="nf4", compute_dtype="float32")
     with pytest.raises(ValueError, match="lora.enabled=true"):
         PAVModule(source=Pretrained(str(tiny_folder)), quant=quant)

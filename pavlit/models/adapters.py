@@ -11,6 +11,18 @@ so that "what does ``quant.mode: nf4`` mean" has one answer:
 3. :func:`apply_lora` wraps it with peft; scoring heads passed as ``modules_to_save`` train fully.
 4. :func:`save_adapter` / :func:`load_adapter` write and read only the adapter (safetensors).
 
+Which 4-bit CPU kernel runs. bitsandbytes (>= 0.49) has two CPU paths for 4-bit layers: a generic one that
+dequantises the weight for each matmul (in ``compute_dtype``), and, on CPUs with AVX512-BF16 (``has_avx512bf16()``,
+e.g. Sapphire Rapids and later Xeons), a fused kernel that the layer switches to on its first inference forward by
+repacking its weight *in place* into another layout. That kernel computes in bfloat16, is inference-only (a layer
+repacked once fails in the next training forward, and bitsandbytes' way back to the normal layout rounds the
+quantization constants to bfloat16), and its layout needs the input width to be a multiple of the 4-bit block size
+(64) and the output width a multiple of 32 (smaller layers crash while repacking). So pavlit decides per layer
+(:func:`cpu_4bit_kernels`): a model being trained (:func:`apply_lora`, ``load_adapter(trainable=True)``) uses
+the generic kernel everywhere; a model loaded for inference (:func:`load_quantized`) uses the fused kernel where
+bitsandbytes offers it, ``compute_dtype`` is ``bfloat16`` and the layer's shape fits, and the generic one
+elsewhere, with one log line saying how many layers took which.
+
 How a verifier keeps its head fully trainable. A verifier is a backbone plus a small scoring head. Either
 
 * apply LoRA to the backbone alone and keep the head outside the peft model (the head then trains like any
@@ -51,6 +63,7 @@ __all__ = [
     "apply_lora",
     "check_compatible",
     "count_parameters",
+    "cpu_4bit_kernels",
     "from_pretrained_kwargs",
     "load_adapter",
     "load_quantized",
@@ -64,6 +77,8 @@ log = logging.getLogger(__name__)
 _LORA_BIAS = ("none", "all", "lora_only")
 _QUANT_MODES = ("none", "nf4", "fp4", "int8")
 _COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+# Output rows per tile of bitsandbytes' AVX512-BF16 4-bit CPU layout (``_convert_weight_packed_for_cpu``'s block_n).
+_CPU_PACK_BLOCK_N = 32
 # Lightning's shorthand precision values, spelled out the way Lightning itself resolves them.
 _PRECISION_ALIASES = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}
 
@@ -330,7 +345,97 @@ def load_quantized(
     model = model_class.from_pretrained(str(path), local_files_only=True, **kwargs)
     if quant.enabled:
         log.info("Loaded %s with %s quantization (%d-bit)", path, quant.mode, quant.bits)
+        _select_cpu_4bit_kernels(model, training=False)
     return model
+
+
+def _linear4bit_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module).__module__.startswith("bitsandbytes") and hasattr(module, "support_avx512bf16_for_cpu")
+    ]
+
+
+def _is_cpu_packed(module: nn.Module) -> bool:
+    return bool(getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def _fused_kernel_obstacle(module: nn.Module) -> str | None:
+    """Why bitsandbytes' AVX512-BF16 CPU kernel cannot serve this 4-bit layer, or None when it can."""
+    state = getattr(module.weight, "quant_state", None)
+    if state is None:
+        return "its weight is not quantized yet"
+    if module.compute_dtype != torch.bfloat16:
+        return f"compute_dtype is {str(module.compute_dtype).removeprefix('torch.')} (the kernel computes in bfloat16)"
+    out_features, in_features = (int(n) for n in state.shape)
+    if in_features % state.blocksize:
+        return f"input width {in_features} is not a multiple of the 4-bit block size {state.blocksize}"
+    if out_features % _CPU_PACK_BLOCK_N:
+        return f"output width {out_features} is not a multiple of {_CPU_PACK_BLOCK_N}"
+    return None
+
+
+def _select_cpu_4bit_kernels(model: nn.Module, training: bool) -> None:
+    """Turn bitsandbytes' in-place AVX512-BF16 repacking off where it cannot work (see the module docstring).
+
+    bitsandbytes sets ``support_avx512bf16_for_cpu`` on each ``Linear4bit`` from ``has_avx512bf16()``; this only
+    ever switches it off: for every layer when ``training``, and for the layers whose dtype or shape the fused
+    kernel does not take otherwise.
+
+    Raises:
+        ValueError: ``training`` and a layer has already been repacked by an inference forward.
+    """
+    offered = [(name, m) for name, m in _linear4bit_layers(model) if m.support_avx512bf16_for_cpu]
+    if not offered:
+        return
+    if training:
+        packed = [name for name, m in offered if _is_cpu_packed(m)]
+        if packed:
+            raise ValueError(
+                f"{len(packed)} 4-bit layers (e.g. {packed[0]!r}) were already run for inference in bitsandbytes' "
+                "AVX512-BF16 CPU layout, which cannot be trained nor converted back exactly; load the model again "
+                "with pavlit.models.adapters.load_quantized before training it"
+            )
+        for _, module in offered:
+            module.support_avx512bf16_for_cpu = False
+        log.info(
+            "4-bit training on CPU: all %d layers use bitsandbytes' generic kernel (its AVX512-BF16 kernel is "
+            "inference-only)",
+            len(offered),
+        )
+        return
+    refused = []
+    for name, module in offered:
+        reason = None if _is_cpu_packed(module) else _fused_kernel_obstacle(module)
+        if reason is not None:
+            module.support_avx512bf16_for_cpu = False
+            refused.append((name, reason))
+    if refused:
+        name, reason = refused[0]
+        log.info(
+            "4-bit inference on CPU: %d of %d layers use bitsandbytes' AVX512-BF16 kernel, %d its generic kernel "
+            "(e.g. %s: %s)",
+            len(offered) - len(refused),
+            len(offered),
+            len(refused),
+            name,
+            reason,
+        )
+    else:
+        log.info("4-bit inference on CPU: all %d layers use bitsandbytes' AVX512-BF16 kernel", len(offered))
+
+
+def cpu_4bit_kernels(model: nn.Module) -> dict[str, str]:
+    """Which bitsandbytes CPU kernel each 4-bit layer of ``model`` runs: ``"avx512-bf16"`` or ``"generic"``.
+
+    ``"avx512-bf16"`` means the layer's weight is, or will be at its first inference forward, repacked for
+    bitsandbytes' fused AVX512-BF16 kernel; every layer of a model being trained is ``"generic"``.
+    """
+    return {
+        name: "avx512-bf16" if module.support_avx512bf16_for_cpu or _is_cpu_packed(module) else "generic"
+        for name, module in _linear4bit_layers(model)
+    }
 
 
 def quantized_bits(model: nn.Module) -> int | None:
@@ -463,6 +568,7 @@ def apply_lora(
                     "quantization (load_quantized(..., skip_modules=[...]))"
                 )
     if bits is not None:
+        _select_cpu_4bit_kernels(model, training=True)
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if gradient_checkpointing:
         _enable_gradient_checkpointing(model)
@@ -533,6 +639,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, trainable: bool
     if not (folder / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{folder} holds no adapter_config.json; write it with save_adapter")
     if trainable and quantized_bits(base_model) is not None:
+        _select_cpu_4bit_kernels(base_model, training=True)
         prepare_model_for_kbit_training(base_model, use_gradient_checkpointing=False)
     with _quiet_peft():
         return PeftModel.from_pretrained(base_model, str(folder), is_trainable=trainable)
