@@ -200,15 +200,6 @@ def truncated_parquet(ctx: Ctx) -> Callable[[], Any]:
     return lambda: StepLabelDataModule(str(path)).prepare(build_char_tokenizer("Qp0123:okn\n"))
 
 
-def corrupt_shard(ctx: Ctx) -> Callable[[], Any]:
-    from pavlit.labeling.shards import ShardStore
-
-    store = ShardStore(ctx.tmp / "labels", {"seed": 0})
-    store.commit(0, good_labels())
-    store.shard_path(1).write_text(json.dumps(step_label()) + "\n" + json.dumps(step_label())[:30])
-    return lambda: list(store.records())
-
-
 def nan_label_via_reader(ctx: Ctx) -> Callable[[], Any]:
     from pavlit.labeling.records import read_jsonl
 
@@ -398,8 +389,6 @@ CASES = [
     Case("dataset-parquet-truncated", truncated_parquet,
          ("{tmp}/labels.parquet: cannot read it as Parquet", "is the file truncated"), how="library",
          raises=ValueError),
-    Case("dataset-shard-truncated", corrupt_shard, ("{tmp}/labels/chunk-000001.jsonl:2: corrupt shard",),
-         how="library", raises=ValueError),
     Case("dataset-reader-nan-label", nan_label_via_reader, ("{tmp}/chunk-000000.jsonl:2: q_mc must be in [0, 1]",),
          how="library", raises=ValueError),
     Case("dataset-empty-folder", lambda c: (c.tmp / "labels").mkdir() or fit_argv(c, str(c.tmp / "labels")),

@@ -249,3 +249,34 @@ def test_a_named_prover_policy_is_labelled_on_the_same_prefixes(sampler):
     weak = [r for r in result.labels if r["policy"] == "weak"]
     assert len(pi) == len(weak) > 0
     assert [(r["problem_id"], r["steps"]) for r in pi] == [(r["problem_id"], r["steps"]) for r in weak]
+
+
+def test_a_zero_byte_or_foreign_shard_is_redone_on_resume_not_trusted(tmp_path, caplog):
+    kwargs = dict(
+        task=SevenTask(n_problems=6),
+        policy=TinyPolicy(n_layer=1, n_embd=32, n_head=2, alphabet=ALPHABET, seed=3),
+        label=LabelArgs(n_cov=1, n_mc=4, max_new_tokens=8),
+        chunk_size=2,
+        seed=5,
+    )
+    reference, other, out = tmp_path / "reference", tmp_path / "other", tmp_path / "resumed"
+    label(output_dir=str(reference), **kwargs)
+    label(output_dir=str(other), **{**kwargs, "seed": 6})
+    label(output_dir=str(out), **kwargs)
+    (out / "chunk-000000.jsonl").write_bytes(b"")  # a commit that never reached the disk
+    for name in ("chunk-000001.jsonl", "chunk-000001.meta.json"):  # a shard copied in from another job's folder
+        (out / name).write_bytes((other / name).read_bytes())
+    assert (out / "chunk-000001.jsonl").read_bytes() != (reference / "chunk-000001.jsonl").read_bytes()
+    with caplog.at_level("WARNING", logger="pavlit.labeling.shards"):
+        summary = label(output_dir=str(out), **kwargs)
+    assert "chunk-000000.jsonl: not trusted" in caplog.text and "chunk-000001.jsonl: not trusted" in caplog.text
+    assert summary["this_run"]["chunks"] == 2  # exactly the two untrusted chunks were redone
+    assert _records(out) == _records(reference)
+    assert (out / "trl_prm.jsonl").read_text() == (reference / "trl_prm.jsonl").read_text()
+
+
+def test_bad_sampling_settings_are_named():
+    for bad in (math.nan, math.inf, -1.0):
+        with pytest.raises(ValueError, match="SamplerArgs.temperature must be finite and >= 0"):
+            SamplerArgs(temperature=bad)
+    assert SamplerArgs(temperature=0.0).temperature == 0.0  # 0 is documented: greedy

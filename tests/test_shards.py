@@ -1,9 +1,15 @@
+import errno
 import json
+import logging
+import os
+import subprocess
+import sys
 
 import pytest
 
+from pavlit.labeling import shards as shards_module
 from pavlit.labeling.records import StepLabel, read_jsonl, to_trl_prm, validate_record
-from pavlit.labeling.shards import ShardStore, atomic_write_text, chunks_for_rank
+from pavlit.labeling.shards import LOCK_FILE, ShardStore, atomic_write_text, chunks_for_rank, output_lock
 
 
 def _label(problem_id="p0", steps=("a\n",), n=4, c=1, **kw):
@@ -105,3 +111,136 @@ def test_trl_prm_export_groups_prefixes_of_one_rollout():
         {"prompt": "Q\n", "completions": ["s1\n", "s2\n"], "labels": [0.75, 0.0]},
         {"prompt": "Q\n", "completions": ["t1\n"], "labels": [1.0]},
     ]
+
+
+# --- integrity of committed shards ------------------------------------------------------------------------------
+
+
+def _break_zero_bytes(store, chunk):
+    store.shard_path(chunk).write_bytes(b"")
+
+
+def _break_truncate(store, chunk):
+    path = store.shard_path(chunk)
+    path.write_bytes(path.read_bytes()[:-20])
+
+
+def _break_drop_a_record(store, chunk):
+    path = store.shard_path(chunk)
+    path.write_text(path.read_text().splitlines(keepends=True)[0])
+
+
+def _break_no_meta(store, chunk):
+    store.meta_path(chunk).unlink()
+
+
+def _break_copied_from_another_job(store, chunk):
+    other = ShardStore(store.root.parent / "other", {"n_mc": 8})
+    other.commit(chunk, [_label("x"), _label("y")])
+    store.shard_path(chunk).write_bytes(other.shard_path(chunk).read_bytes())
+    store.meta_path(chunk).write_bytes(other.meta_path(chunk).read_bytes())
+
+
+def _break_edit_a_label(store, chunk):
+    path = store.shard_path(chunk)
+    path.write_text(path.read_text().replace('"n_correct": 1', '"n_correct": 3'))
+
+
+@pytest.mark.parametrize(
+    "breaks, reason",
+    [
+        (_break_zero_bytes, "does not match its integrity record (0 bytes"),
+        (_break_truncate, "does not match its integrity record"),
+        (_break_drop_a_record, "does not match its integrity record"),
+        (_break_no_meta, "has no integrity record chunk-000001.meta.json"),
+        (_break_copied_from_another_job, "written by a job with other settings"),
+        (_break_edit_a_label, "does not match its integrity record"),
+    ],
+    ids=["zero-bytes", "truncated", "record-dropped", "no-integrity-record", "from-another-job", "edited"],
+)
+def test_a_shard_that_fails_its_integrity_check_is_redone_not_trusted(tmp_path, caplog, breaks, reason):
+    store = ShardStore(tmp_path / "job", {"n_mc": 4})
+    store.commit(0, [_label("p0")])
+    store.commit(1, [_label("p1"), _label("p1b")])
+    breaks(store, 1)
+
+    resumed = ShardStore(tmp_path / "job", {"n_mc": 4})  # a rerun: a fresh store over the same folder
+    with caplog.at_level(logging.WARNING, logger="pavlit.labeling.shards"):
+        assert resumed.is_done(0) and not resumed.is_done(1)
+    assert reason in caplog.text and "redoing the chunk" in caplog.text
+    # Set aside, so that neither this store nor a reader of the folder (`pavlit fit` globs chunk-*.jsonl) sees it.
+    assert not resumed.shard_path(1).exists() and (tmp_path / "job/chunk-000001.jsonl.rejected").exists()
+    assert [r["problem_id"] for r in resumed.records()] == ["p0"]
+    resumed.commit(1, [_label("p1"), _label("p1b")])
+    assert [r["problem_id"] for r in ShardStore(tmp_path / "job", {"n_mc": 4}).records()] == ["p0", "p1", "p1b"]
+
+
+def test_a_stray_shard_outside_the_jobs_chunks_is_left_out_of_the_records(tmp_path):
+    store = ShardStore(tmp_path, {"n_mc": 4})
+    store.commit(0, [_label("p0")])
+    (tmp_path / "chunk-000042.jsonl").write_text(json.dumps(_label("stray")) + "\n")
+    assert [r["problem_id"] for r in ShardStore(tmp_path, {"n_mc": 4}).records()] == ["p0"]
+    assert store.done_chunks() == {0}
+
+
+def test_the_integrity_record_counts_and_hashes_the_shard(tmp_path):
+    store = ShardStore(tmp_path, {"n_mc": 4})
+    store.commit(3, [_label("a"), _label("b"), _label("c")])
+    meta = json.loads(store.meta_path(3).read_text())
+    data = store.shard_path(3).read_bytes()
+    assert meta["records"] == 3 and meta["bytes"] == len(data) and meta["chunk"] == 3
+    assert meta["fingerprint"] == store.fingerprint
+    assert store.check(3) is None
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as excinfo:
+        atomic_write_text(tmp_path / "metrics.json", "{}")
+    assert excinfo.value.errno == errno.ENOSPC and excinfo.value.filename == str(tmp_path / "metrics.json")
+    assert list(tmp_path.iterdir()) == []  # the temporary file is removed
+
+
+# --- the output folder lock -------------------------------------------------------------------------------------
+
+
+def test_a_second_job_into_a_locked_folder_is_refused_naming_the_holder(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": shards_module.socket.gethostname()}))
+        with pytest.raises(ValueError, match=rf"another pavlit job is writing here \(pid {holder.pid}"):
+            with output_lock(tmp_path):
+                pass
+        assert (tmp_path / LOCK_FILE).exists()  # the refused job leaves the holder's lock alone
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_and_released(tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": shards_module.socket.gethostname()}))
+    with caplog.at_level(logging.WARNING, logger="pavlit.labeling.shards"):
+        with output_lock(tmp_path) as lock:
+            assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert f"stale lock of pid {dead.pid}" in caplog.text
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_the_lock_is_released_when_the_job_fails(tmp_path):
+    with pytest.raises(RuntimeError), output_lock(tmp_path):
+        raise RuntimeError("boom")
+    with output_lock(tmp_path):  # free again
+        pass
+
+
+def test_ranks_launched_by_the_job_write_under_its_lock(tmp_path, monkeypatch):
+    with output_lock(tmp_path):
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        with output_lock(tmp_path):  # a launched rank does not take (or fight over) the lock
+            pass
+        assert (tmp_path / LOCK_FILE).exists()

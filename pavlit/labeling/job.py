@@ -29,7 +29,15 @@ from typing import Any
 from pavlit.interfaces import SPLITS, Problem, Task
 from pavlit.labeling.mc import LabelArgs, label_chunk
 from pavlit.labeling.records import to_trl_prm
-from pavlit.labeling.shards import ShardStore, atomic_write_lines, atomic_write_text, chunks_for_rank
+from pavlit.labeling.shards import (
+    ShardStore,
+    atomic_write_lines,
+    atomic_write_text,
+    chunks_for_rank,
+    describe,
+    output_lock,
+)
+from pavlit.policy.checks import check_prompts
 from pavlit.policy.sources import ModelSource
 
 
@@ -48,8 +56,8 @@ class SamplerArgs:
     max_batch: int = 256
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"SamplerArgs.temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"SamplerArgs.temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplerArgs.top_p must be in (0, 1], got {self.top_p}")
         if self.max_batch < 1:
@@ -131,36 +139,32 @@ def label(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_num_problems("num_problems", num_problems)
     if not isinstance(task.step_delimiter, str) or not task.step_delimiter:
         raise ValueError(
             f"task {type(task).__qualname__} has step_delimiter {task.step_delimiter!r}; a task must set a non-empty "
             "string that ends each step (e.g. '\\n')"
         )
     settings = _settings(task, policy, split, num_problems, label, sampler, provers, chunk_size, seed)
-    return _run(
-        task,
-        policy,
-        Path(output_dir),
-        split,
-        num_problems,
-        label,
-        sampler,
-        provers or {},
-        chunk_size,
-        seed,
-        trainer,
-        settings,
-    )
+    with output_lock(output_dir, "pavlit label"):
+        return _run(
+            task,
+            policy,
+            Path(output_dir),
+            split,
+            num_problems,
+            label,
+            sampler,
+            provers or {},
+            chunk_size,
+            seed,
+            trainer,
+            settings,
+        )
 
 
 def _settings(task, policy, split, num_problems, label, sampler, provers, chunk_size, seed) -> dict[str, Any]:
     """What determines the records (ranks, devices and the output folder do not)."""
-
-    def describe(obj: Any) -> Any:
-        if obj is None:
-            return None
-        return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}", **_public_vars(obj)}
-
     return {
         "task": describe(task),
         "policy": describe(policy),
@@ -174,16 +178,10 @@ def _settings(task, policy, split, num_problems, label, sampler, provers, chunk_
     }
 
 
-def _public_vars(obj: Any) -> dict[str, Any]:
-    return {k: v for k, v in vars(obj).items() if not k.startswith("_") and _jsonable(v)}
-
-
-def _jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True
+def check_num_problems(field: str, num_problems: int | None) -> None:
+    """``num_problems`` is ``None`` (the whole split) or a positive count (``-1`` would silently drop the last)."""
+    if num_problems is not None and (isinstance(num_problems, bool) or num_problems < 1):
+        raise ValueError(f"{field} must be >= 1 (or null for the whole split), got {num_problems}")
 
 
 def _run(
@@ -202,7 +200,8 @@ def _run(
     n_chunks = math.ceil(len(problems) / chunk_size)
     store = ShardStore(out, settings)
     rollout_store = ShardStore(out / "rollouts", settings)
-    todo = [c for c in chunks_for_rank(n_chunks, rank, world) if not store.is_done(c)]
+    # A chunk is done when both of its shards pass their integrity checks (a failing one is set aside and redone).
+    todo = [c for c in chunks_for_rank(n_chunks, rank, world) if not (store.is_done(c) and rollout_store.is_done(c))]
 
     def make_sampler(source: ModelSource) -> Sampler:
         model, tokenizer = source.load()
@@ -219,7 +218,7 @@ def _run(
     stats = {"chunks": 0, "problems": 0, "prefixes": 0, "completions": 0, "generated_tokens": 0}
     if todo:
         pi = make_sampler(policy)
-        check_prompts_fit(problems, pi.model, pi.tokenizer)
+        check_prompts(problems, pi.model, pi.tokenizer, label_args.max_new_tokens)
         prover_samplers = {name: make_sampler(source) for name, source in provers.items()}
         progress = _progress(len(todo), rank, world, n_chunks - len(todo) if world == 1 else None)
         start = time.perf_counter()
@@ -259,24 +258,8 @@ def _run(
 
 
 def check_prompts_fit(problems: list[Problem], model: Any, tokenizer: Any) -> None:
-    """Refuse problems whose prompt alone fills the policy's context (``max_position_embeddings``).
-
-    Sampling past the positions a model was built for fails deep inside the model (learned positions) or, worse,
-    silently produces garbage (rotary positions), which would become wrong labels.
-    """
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if not limit:
-        return
-    for problem in problems:
-        n_tokens = len(tokenizer(problem.prompt)["input_ids"])
-        if n_tokens >= limit:
-            source = (problem.metadata or {}).get("source")
-            where = f" (from {source})" if source else ""
-            raise ValueError(
-                f"problem {problem.id!r}{where}: its prompt is {n_tokens} tokens, but the policy's context holds "
-                f"{limit} positions (max_position_embeddings), leaving no room for a step; shorten or drop the "
-                "problem, or use a policy with a longer context"
-            )
+    """Refuse prompts the policy cannot read (``<unk>``) or that fill its context (:func:`check_prompts`)."""
+    check_prompts(problems, model, tokenizer)
 
 
 def _progress(total: int, rank: int, world: int, already: int | None):

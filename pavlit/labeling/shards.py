@@ -7,26 +7,74 @@ and ends with exactly the records an uninterrupted run writes — none lost, non
 
 A fingerprint of the job's settings is stored beside the shards; resuming with different settings is refused
 instead of silently mixing two datasets.
+
+Integrity: every shard ``chunk-000007.jsonl`` has an integrity record ``chunk-000007.meta.json`` beside it, written
+after the shard: the job's fingerprint, the chunk number, the record count, the byte size and the SHA-256 of the
+shard. A shard counts as done only when its record matches: a 0-byte or truncated shard, one whose record is
+missing (a writer killed between the two files, a shard written by an older pavlit) or one copied from another
+job's folder is **redone, not trusted** — set aside as ``chunk-000007.jsonl.rejected`` with a warning, so that no
+reader of the folder sees it either.
+
+Lock: :func:`output_lock` keeps two jobs from writing into one folder at once. ``<folder>/.pavlit.lock`` holds the
+pid and host of the job writing there; a second job is refused with "another pavlit job is writing here (pid N)",
+and a lock whose process is gone (a job killed with ``kill -9``) is taken over with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
+import socket
+import time
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 SHARD_GLOB = "chunk-*.jsonl"
 FINGERPRINT_FILE = "job.json"
+META_SUFFIX = ".meta.json"
+REJECTED_SUFFIX = ".rejected"
+LOCK_FILE = ".pavlit.lock"
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
     """A stable hash of JSON-serialisable job settings."""
     blob = json.dumps(settings, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def describe(obj: Any) -> Any:
+    """A JSON description of a configured object: its class and public settings (job fingerprints, reports).
+
+    Plain values stay as they are; an object becomes ``{"class": "module.Qualname", <public attribute>: ...}``,
+    its nested plain values described recursively, other nested objects by their ``repr`` (when they define one)
+    or their class. Attributes starting with ``_`` (caches, loaded models) are left out.
+    """
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
+    if isinstance(obj, list | tuple):
+        return [describe(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): describe(v) for k, v in obj.items()}
+    if not hasattr(obj, "__dict__"):
+        return repr(obj)
+    out: dict[str, Any] = {"class": f"{type(obj).__module__}.{type(obj).__qualname__}"}
+    for key, value in vars(obj).items():
+        if key.startswith("_"):
+            continue
+        if value is None or isinstance(value, str | int | float | bool | list | tuple | dict):
+            out[key] = describe(value)
+        elif type(value).__repr__ is not object.__repr__:
+            out[key] = repr(value)
+        else:
+            out[key] = f"{type(value).__module__}.{type(value).__qualname__}"
+    return out
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -47,6 +95,11 @@ def atomic_write_lines(path: str | Path, pieces: Iterable[str]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename is None:  # a full disk, a quota: the write itself names no file
+            raise OSError(err.errno, f"{err.strerror or err} while writing", str(path)) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -65,6 +118,7 @@ class ShardStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.settings = dict(settings)
         self.fingerprint = fingerprint(self.settings)
+        self._verified: set[int] = set()
         self._check_fingerprint()
 
     def _check_fingerprint(self) -> None:
@@ -97,17 +151,91 @@ class ShardStore:
     def shard_path(self, chunk: int) -> Path:
         return self.root / f"chunk-{chunk:06d}.jsonl"
 
+    def meta_path(self, chunk: int) -> Path:
+        """The shard's integrity record (fingerprint, record count, size, SHA-256)."""
+        return self.root / f"chunk-{chunk:06d}{META_SUFFIX}"
+
     def is_done(self, chunk: int) -> bool:
-        return self.shard_path(chunk).exists()
+        """Whether ``chunk`` has a committed shard that passes its integrity check.
+
+        A shard that exists but fails it is set aside (``*.jsonl.rejected``, with a warning) so the chunk is redone.
+        """
+        if chunk in self._verified:
+            return True
+        if not self.shard_path(chunk).exists():
+            return False
+        problem = self.check(chunk)
+        if problem is not None:
+            self._reject(chunk, problem)
+            return False
+        self._verified.add(chunk)
+        return True
+
+    def check(self, chunk: int) -> str | None:
+        """Why the shard of ``chunk`` cannot be trusted, or ``None`` when it passes (see the module docstring)."""
+        path, meta_path = self.shard_path(chunk), self.meta_path(chunk)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            return f"unreadable ({err.strerror or err})"
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return f"it has no integrity record {meta_path.name} (an interrupted commit, or an older pavlit wrote it)"
+        except (OSError, ValueError) as err:
+            return f"its integrity record {meta_path.name} is unreadable ({err})"
+        if not isinstance(meta, dict):
+            return f"its integrity record {meta_path.name} is not a JSON object"
+        if meta.get("fingerprint") != self.fingerprint:
+            return f"it was written by a job with other settings (fingerprint {meta.get('fingerprint')!r})"
+        if meta.get("chunk") != chunk:
+            return f"its integrity record is for chunk {meta.get('chunk')!r}"
+        if meta.get("bytes") != len(data) or meta.get("sha256") != hashlib.sha256(data).hexdigest():
+            return f"its content does not match its integrity record ({len(data)} bytes, {meta.get('bytes')} recorded)"
+        n_records = sum(1 for line in data.splitlines() if line.strip())
+        if meta.get("records") != n_records:
+            return f"it holds {n_records} records, {meta.get('records')} recorded"
+        return None
+
+    def _reject(self, chunk: int, problem: str) -> None:
+        path = self.shard_path(chunk)
+        aside = path.with_name(path.name + REJECTED_SUFFIX)
+        log.warning("%s: not trusted, redoing the chunk: %s (set aside as %s)", path, problem, aside.name)
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:
+            pass  # another rank set it aside first
+        self.meta_path(chunk).unlink(missing_ok=True)
 
     def done_chunks(self) -> set[int]:
-        return {int(p.stem.split("-")[1]) for p in self.root.glob(SHARD_GLOB)}
+        """The chunks whose shard passes its integrity check (failing ones are set aside)."""
+        return {chunk for chunk in self._committed() if self.is_done(chunk)}
+
+    def _committed(self) -> list[int]:
+        chunks = []
+        for path in sorted(self.root.glob(SHARD_GLOB)):
+            number = path.stem.split("-", 1)[1]
+            if number.isdigit():
+                chunks.append(int(number))
+        return chunks
 
     def commit(self, chunk: int, records: Iterable[Mapping[str, Any]]) -> Path:
-        """Write the records of ``chunk`` as one shard, atomically."""
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        """Write the records of ``chunk`` as one shard, atomically, then its integrity record."""
+        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+        text = "".join(lines)
+        data = text.encode("utf-8")
         path = self.shard_path(chunk)
+        self._verified.discard(chunk)
         atomic_write_text(path, text)
+        meta = {
+            "fingerprint": self.fingerprint,
+            "chunk": chunk,
+            "records": len(lines),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        atomic_write_text(self.meta_path(chunk), json.dumps(meta) + "\n")
+        self._verified.add(chunk)
         return path
 
     def records(self) -> Iterator[dict[str, Any]]:
@@ -116,9 +244,13 @@ class ShardStore:
             yield from shard
 
     def shards(self) -> Iterator[Iterator[dict[str, Any]]]:
-        """The committed shards in chunk order, each as an iterator over its records (one chunk's work)."""
-        for path in sorted(self.root.glob(SHARD_GLOB)):
-            yield _read_shard(path)
+        """The committed shards that pass their integrity check, in chunk order, each as an iterator over its records.
+
+        A shard that fails the check is set aside with a warning and left out.
+        """
+        for chunk in self._committed():
+            if self.is_done(chunk):
+                yield _read_shard(self.shard_path(chunk))
 
 
 def _read_shard(path: Path) -> Iterator[dict[str, Any]]:
@@ -136,3 +268,78 @@ def chunks_for_rank(n_chunks: int, rank: int, world_size: int) -> list[int]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of size {world_size}")
     return list(range(rank, n_chunks, world_size))
+
+
+@contextmanager
+def output_lock(folder: str | Path, command: str = "pavlit") -> Iterator[Path]:
+    """Hold ``<folder>/.pavlit.lock`` while a job writes into ``folder``; refuse when another live job holds it.
+
+    The lock is taken only by the job's first process (``LOCAL_RANK`` and ``NODE_RANK`` unset or 0); the ranks it
+    launches write under its lock. A lock whose process is gone (same host, pid not running) is stale: it is taken
+    over with a warning. A lock from another host cannot be checked and is refused, naming the file to delete.
+
+    Raises:
+        ValueError: Another pavlit job is writing into ``folder`` (the message names its pid and the lock file).
+    """
+    root = Path(folder)
+    lock = root / LOCK_FILE
+    if int(os.environ.get("LOCAL_RANK", "0") or 0) != 0 or int(os.environ.get("NODE_RANK", "0") or 0) != 0:
+        yield lock
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    mine = json.dumps({"pid": os.getpid(), "host": host, "command": command}) + "\n"
+    for _attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            pid, their_host = holder.get("pid"), holder.get("host")
+            if pid == os.getpid() and their_host == host:
+                raise ValueError(f"{root}: this process already runs a job writing here ({lock})") from None
+            if (their_host == host and isinstance(pid, int) and not _pid_alive(pid)) or (
+                not holder and _age(lock) > 10.0  # a writer killed between creating the lock and filling it
+            ):
+                log.warning("%s: taking over a stale lock of pid %s, which is no longer running", lock, pid)
+                lock.unlink(missing_ok=True)
+                continue
+            where = f"pid {pid}" + (f" on {their_host}" if their_host and their_host != host else "")
+            raise ValueError(
+                f"{root}: another pavlit job is writing here ({where}, lock {lock}); wait for it to finish, or use "
+                "another output folder (delete the lock only if no such job is running)"
+            ) from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(mine)
+        break
+    else:
+        raise ValueError(f"{root}: could not take the lock {lock} (another job took it first)")
+    try:
+        yield lock
+    finally:
+        if _lock_holder(lock).get("pid") == os.getpid():
+            lock.unlink(missing_ok=True)
+
+
+def _lock_holder(lock: Path) -> dict[str, Any]:
+    try:
+        holder = json.loads(lock.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True

@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from pavlit.interfaces import SPLITS, Problem, Reward, Search, Task
-from pavlit.labeling.job import LaunchArgs, SamplerArgs
+from pavlit.labeling.job import LaunchArgs, SamplerArgs, check_num_problems
 from pavlit.labeling.mc import phase_seed
-from pavlit.labeling.shards import ShardStore, atomic_write_text, chunks_for_rank
+from pavlit.labeling.shards import ShardStore, atomic_write_text, chunks_for_rank, describe, output_lock
+from pavlit.policy.checks import check_prompts
 from pavlit.policy.sources import ModelSource
 from pavlit.search import report
 
@@ -41,6 +42,9 @@ __all__ = ["AlphaSweep", "Efficiency", "Method", "search", "search_command"]
 
 DEFAULT_BUDGETS = (1, 2, 4, 8, 16, 32, 64)
 PLOT_NAME = "accuracy_vs_compute.png"
+#: Fewest bootstrap resamples: below this the 2.5% and 97.5% percentiles of the resampled means are (almost) the
+#: same resample, and the "95% CI" collapses towards the point.
+MIN_BOOTSTRAP = 10
 
 
 @dataclass
@@ -52,8 +56,8 @@ class Method:
         search: The strategy (``BestOfN``, ``BeamSearch``, ``DVTS``, or a plugin).
         reward: The reward composition (``ORMReward``, ``PQVReward``, ``PAVReward``, ``MCReward``, or a plugin);
             ``None`` only for best-of-N by majority vote.
-        budgets: This method's budgets (default: the job's), e.g. smaller widths for beam search, which spends
-            about C·B step samples per depth.
+        budgets: This method's budgets (default, or ``null``: the job's), e.g. smaller widths for beam search,
+            which spends about C·B step samples per depth. An empty list is refused.
     """
 
     name: str
@@ -87,11 +91,19 @@ class AlphaSweep:
             raise ValueError("AlphaSweep.alphas must not be empty")
         if self.split not in SPLITS or self.split == "test":
             raise ValueError(f"AlphaSweep.split must be 'train' or 'validation', got {self.split!r}")
+        bad = [a for a in self.alphas if not math.isfinite(a)]
+        if bad:
+            raise ValueError(f"AlphaSweep.alphas must be finite numbers, got {bad}")
+        check_num_problems("AlphaSweep.num_problems", self.num_problems)
+        if self.budgets is not None:
+            check_budgets("AlphaSweep.budgets", self.budgets)
 
 
 @dataclass
 class Efficiency:
     """Which lines the compute-efficiency ratio compares (method names; a pick as ``name [pick]``).
+
+    A name that is not one of the job's methods is refused before anything runs.
 
     Args:
         baseline: Default: the first best-of-N method with an ``orm`` reward.
@@ -152,46 +164,50 @@ def search(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_num_problems("num_problems", num_problems)
+    if isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if bootstrap < MIN_BOOTSTRAP:
+        raise ValueError(f"bootstrap must be >= {MIN_BOOTSTRAP} resamples for a 95% CI, got {bootstrap}")
     for m in methods:
-        if not (m.budgets or budgets) or min(m.budgets or budgets) < 1:
-            raise ValueError(f"method {m.name!r}: budgets must be >= 1")
+        if m.budgets is not None and not m.budgets:
+            raise ValueError(f"method {m.name!r}: budgets is empty; give budgets, or leave it out to use the job's")
+        check_budgets(f"method {m.name!r}: budgets", m.budgets if m.budgets is not None else budgets)
+        alpha = getattr(m.reward, "alpha", None)
+        if isinstance(alpha, float | int) and not math.isfinite(alpha):
+            raise ValueError(f"method {m.name!r}: reward alpha must be a finite number, got {alpha}")
+    for which in ("baseline", "target"):
+        line = getattr(efficiency, which, None) if efficiency is not None else None
+        if line is not None and line.split(" [", 1)[0] not in names:
+            raise ValueError(
+                f"efficiency.{which} names {line!r}, which is not among the methods {names} (a pick: 'name [pick]')"
+            )
     if alpha_sweep is not None:
         for name in [alpha_sweep.method, *alpha_sweep.apply_to]:
             if name not in names:
                 raise ValueError(f"alpha_sweep names method {name!r}, which is not among {names}")
             if not hasattr(_method(methods, name).reward, "alpha"):
                 raise ValueError(f"method {name!r} has no reward with an alpha to sweep")
-    return _run(
-        task, policy, methods, Path(output_dir), split, num_problems, budgets, max_new_tokens, sampler,
-        alpha_sweep, efficiency or Efficiency(), chunk_size, seed, bootstrap, trainer,
-    )  # fmt: skip
+    with output_lock(output_dir, "pavlit search"):
+        return _run(
+            task, policy, methods, Path(output_dir), split, num_problems, budgets, max_new_tokens, sampler,
+            alpha_sweep, efficiency or Efficiency(), chunk_size, seed, bootstrap, trainer,
+        )  # fmt: skip
+
+
+def check_budgets(field: str, budgets: list[int]) -> None:
+    """Budgets are a non-empty list of distinct positive integers (a repeated one would be run and counted twice)."""
+    if not budgets:
+        raise ValueError(f"{field} must not be empty")
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in budgets):
+        raise ValueError(f"{field} must be >= 1, got {list(budgets)}")
+    repeated = sorted({b for b in budgets if list(budgets).count(b) > 1})
+    if repeated:
+        raise ValueError(f"{field} must be distinct, got {list(budgets)} ({repeated} repeated)")
 
 
 def _method(methods: list[Method], name: str) -> Method:
     return next(m for m in methods if m.name == name)
-
-
-def describe(obj: Any) -> Any:
-    """A JSON description of a configured object: its class and public settings (for fingerprints and reports)."""
-    if obj is None or isinstance(obj, str | int | float | bool):
-        return obj
-    if isinstance(obj, list | tuple):
-        return [describe(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): describe(v) for k, v in obj.items()}
-    if not hasattr(obj, "__dict__"):
-        return repr(obj)
-    out: dict[str, Any] = {"class": f"{type(obj).__module__}.{type(obj).__qualname__}"}
-    for key, value in vars(obj).items():
-        if key.startswith("_"):
-            continue
-        if value is None or isinstance(value, str | int | float | bool | list | tuple | dict):
-            out[key] = describe(value)
-        elif type(value).__repr__ is not object.__repr__:
-            out[key] = repr(value)
-        else:
-            out[key] = f"{type(value).__module__}.{type(value).__qualname__}"
-    return out
 
 
 def _describe_methods(methods: list[Method], budgets: list[int]) -> list[dict[str, Any]]:
@@ -296,6 +312,10 @@ def _run(
     rank, world = fabric.global_rank, fabric.world_size
 
     model, tokenizer = policy.load()
+    # The same checks as `pavlit label`: prompts the tokenizer covers and the context holds, a response cap within it.
+    check_prompts(_problems(task, split, num_problems), model, tokenizer, max_new_tokens)
+    if sweep is not None:
+        check_prompts(_problems(task, sweep.split, sweep.num_problems), model, tokenizer)
     sampler = Sampler(
         model.to(fabric.device),
         tokenizer,
