@@ -121,7 +121,9 @@ def load_policy(
     Raises:
         FileNotFoundError: ``path`` (or ``adapter_path``) is not an existing folder.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from pavlit.policy.checks import load_causal_lm
 
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
@@ -132,8 +134,8 @@ def load_policy(
         )
     torch_dtype = resolve_dtype(dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code
+    model = load_causal_lm(
+        folder, tokenizer, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code
     )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
