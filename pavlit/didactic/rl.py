@@ -169,10 +169,16 @@ def supervised_finetune(
 def evaluate_policy(
     policy: MLPPolicy, n_rollouts: int = 512, generator: torch.Generator | None = None, pass_at: Sequence[int] = (8, 64)
 ) -> dict[str, float]:
-    """Sampled accuracy, unbiased pass@k (from the same samples) and the greedy rollout's outcome."""
+    """Sampled accuracy, unbiased pass@k (from the same samples), the greedy rollout's outcome and how diverse
+    the samples are: ``mode_share`` (fraction of samples equal to the most frequent sequence, EOS-padded) and
+    ``distinct_correct`` (number of distinct correct sequences among them)."""
     task = policy.task
-    correct = task.reward(policy.sample(n_rollouts, generator))
+    tokens = policy.sample(n_rollouts, generator)
+    correct = task.reward(tokens)
     metrics = {"accuracy": float(correct.mean()), "greedy": float(task.reward(policy.sample(1, greedy=True))[0])}
+    _, counts = torch.unique(tokens, dim=0, return_counts=True)
+    metrics["mode_share"] = float(counts.max()) / n_rollouts
+    metrics["distinct_correct"] = float(len(torch.unique(tokens[correct > 0], dim=0)))
     n_correct = int(correct.sum())
     for k in pass_at:
         if k <= n_rollouts:
@@ -206,6 +212,9 @@ class DidacticRLModule(LightningModule):
             ``init_args: {lr: ...}``); default Adam with its default learning rate 1e-3 (PAPER.md §7).
         hidden_size: Width of the MLP's hidden layers.
         n_layers: Number of hidden layers.
+        head: The policy's output layer: ``"per_position"`` (default; logits of each position from parameters of
+            their own), ``"masked"`` (a masked autoregressive MLP) or ``"shared"`` (one output layer for every
+            position: the ablation that fails at γ ≥ 10, see :mod:`pavlit.didactic.policy`).
         sft_gamma: The prover whose samples the SFT fits.
         sft_samples: Number of SFT samples.
         sft_iterations: SFT optimiser steps (Adam, batch ``sft_batch_size``); 0 skips SFT.
@@ -229,6 +238,7 @@ class DidacticRLModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         hidden_size: int = 128,
         n_layers: int = 3,
+        head: Literal["per_position", "masked", "shared"] = "per_position",
         sft_gamma: float = 5.0,
         sft_samples: int = 3200,
         sft_iterations: int = 50,
@@ -252,7 +262,7 @@ class DidacticRLModule(LightningModule):
         self.prover = PlantedProver(gamma, self.task)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.policy = MLPPolicy(self.task, hidden_size, n_layers)
+            self.policy = MLPPolicy(self.task, hidden_size, n_layers, head)
         self.register_buffer("sft_done", torch.tensor(False))
         self.sft_metrics: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
