@@ -37,6 +37,7 @@ from pavlit.labeling.shards import (
     describe,
     output_lock,
 )
+from pavlit.policy.backends import SamplerBackend, SamplingSettings, backend_fingerprint
 from pavlit.policy.checks import check_prompts
 from pavlit.policy.sources import ModelSource
 
@@ -112,6 +113,7 @@ def label(
     chunk_size: int = 16,
     seed: int = 0,
     trainer: LaunchArgs | None = None,
+    backend: SamplerBackend | None = None,
 ) -> dict[str, Any]:
     """Label every prefix of ``n_cov`` seed rollouts per problem with ``n_mc`` Monte-Carlo completions.
 
@@ -128,6 +130,8 @@ def label(
         chunk_size: Problems per shard (the unit of resumption and of work split across ranks).
         seed: Seed of every sampling call.
         trainer: Processes and nodes.
+        backend: The sampling engine (default: pavlit's ``Sampler``; ``pavlit.policy.backends.VLLMBackend`` on a
+            GPU).
 
     Returns:
         The summary written to ``metrics.json`` (on rank 0; other ranks return their own counts).
@@ -146,6 +150,7 @@ def label(
             "string that ends each step (e.g. '\\n')"
         )
     settings = _settings(task, policy, split, num_problems, label, sampler, provers, chunk_size, seed)
+    settings.update(backend_fingerprint(backend))
     with output_lock(output_dir, "pavlit label"):
         return _run(
             task,
@@ -160,6 +165,7 @@ def label(
             seed,
             trainer,
             settings,
+            backend,
         )
 
 
@@ -185,9 +191,10 @@ def check_num_problems(field: str, num_problems: int | None) -> None:
 
 
 def _run(
-    task, policy, out, split, num_problems, label_args, sampler_args, provers, chunk_size, seed, trainer, settings
-) -> dict[str, Any]:
-    from pavlit.policy.sampler import Sampler
+    task, policy, out, split, num_problems, label_args, sampler_args, provers, chunk_size, seed, trainer, settings,
+    backend=None,
+) -> dict[str, Any]:  # fmt: skip
+    from pavlit.policy.backends import PavlitBackend
 
     fabric = trainer.launch()
     rank, world = fabric.global_rank, fabric.world_size
@@ -203,22 +210,23 @@ def _run(
     # A chunk is done when both of its shards pass their integrity checks (a failing one is set aside and redone).
     todo = [c for c in chunks_for_rank(n_chunks, rank, world) if not (store.is_done(c) and rollout_store.is_done(c))]
 
-    def make_sampler(source: ModelSource) -> Sampler:
-        model, tokenizer = source.load()
-        return Sampler(
-            model.to(fabric.device),
-            tokenizer,
-            temperature=sampler_args.temperature,
-            top_p=sampler_args.top_p,
-            max_new_tokens=label_args.max_new_tokens,
-            max_batch=sampler_args.max_batch,
-            delimiter=task.step_delimiter,
-        )
+    engine = backend or PavlitBackend()
+    sampling = SamplingSettings(
+        temperature=sampler_args.temperature,
+        top_p=sampler_args.top_p,
+        max_new_tokens=label_args.max_new_tokens,
+        max_batch=sampler_args.max_batch,
+        delimiter=task.step_delimiter,
+    )
+
+    def make_sampler(source: ModelSource) -> Any:
+        return engine.build(source, sampling, fabric.device)
 
     stats = {"chunks": 0, "problems": 0, "prefixes": 0, "completions": 0, "generated_tokens": 0}
     if todo:
         pi = make_sampler(policy)
-        check_prompts(problems, pi.model, pi.tokenizer, label_args.max_new_tokens)
+        # A vLLM sampler has no torch model here; it carries the model's config itself.
+        check_prompts(problems, getattr(pi, "model", pi), pi.tokenizer, label_args.max_new_tokens)
         prover_samplers = {name: make_sampler(source) for name, source in provers.items()}
         progress = _progress(len(todo), rank, world, n_chunks - len(todo) if world == 1 else None)
         start = time.perf_counter()

@@ -40,6 +40,8 @@ from pavlit.data.prompts import PromptBatch
 from pavlit.interfaces import Problem, Task
 from pavlit.models.adapters import LoRAArgs, apply_lora
 from pavlit.modules.sft import export_policy, pass_at_k, warmup_cosine
+from pavlit.policy.backends import PavlitBackend, SamplerBackend, SamplingSettings
+from pavlit.policy.loading import Policy
 from pavlit.policy.sampler import Sampler
 from pavlit.policy.sources import ModelSource, TinyPolicy
 from pavlit.rl import (
@@ -115,6 +117,8 @@ class PolicyRLModule(LightningModule):
         lora: Train LoRA adapters instead of all weights.
         seed: Seed of the rollouts (each step and rank draws from its own stream).
         export: Save ``<default_root_dir>/policy`` and ``metrics.json`` when training ends.
+        backend: The rollout engine (default: pavlit's ``Sampler`` on the training weights themselves;
+            ``pavlit.policy.backends.VLLMBackend`` on a GPU, whose weights are refreshed before every rollout).
     """
 
     def __init__(
@@ -144,6 +148,7 @@ class PolicyRLModule(LightningModule):
         lora: LoRAArgs = LoRAArgs(),  # noqa: B008
         seed: int = 0,
         export: bool = True,
+        backend: SamplerBackend | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -174,7 +179,9 @@ class PolicyRLModule(LightningModule):
         #: One row per evaluation: ``{"step", "samples", "split", "accuracy", "pass@k"}``.
         self.history: list[dict[str, Any]] = []
         self.samples_seen = 0
+        self.sampler_backend = backend or PavlitBackend()
         self._sampler: Sampler | None = None
+        self._sampler_step = -1  # the global step whose weights the sampler holds
         self._buffer: Rollouts | None = None
         self._buffer_uses = 0
         self._eval_sums: list[torch.Tensor] = []
@@ -473,17 +480,19 @@ class PolicyRLModule(LightningModule):
     def sampler(self) -> Sampler:
         """The policy's sampler on the module's device (created on first use; it shares the training weights)."""
         if self._sampler is None or self._sampler.device != self.device:
-            self._sampler = Sampler(
-                self.model,
-                self.tokenizer,
+            settings = SamplingSettings(
                 temperature=self.hparams.temperature,
                 max_new_tokens=self.hparams.max_new_tokens,
                 max_batch=self.hparams.max_batch,
                 seed=self.hparams.seed,
                 delimiter=self._task().step_delimiter,
-                device=self.device,
             )
+            self._sampler = self.sampler_backend.build(Policy(self.model, self.tokenizer), settings, self.device)
             self.model.train(self.training)  # the Sampler switches the model to eval mode
+        elif self._sampler_step != self.global_step:
+            # An engine with its own copy of the weights (vLLM) gets the updated ones; pavlit's Sampler has them.
+            self.sampler_backend.refresh(self._sampler, self.model)
+        self._sampler_step = self.global_step
         return self._sampler
 
     def _task(self) -> Task:

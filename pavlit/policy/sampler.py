@@ -687,6 +687,14 @@ def _cut_after(text: str, delimiter: str, occurrences: int) -> str:
 class VLLMSampler:
     """The :class:`Sampler` interface on vLLM (GPU serving engine with paged attention and prefix caching).
 
+    Jobs reach it through :class:`pavlit.policy.backends.VLLMBackend` (``backend:`` in a label, search or RL
+    config). The records mean what :class:`Sampler`'s mean: ``next_step`` stops at the delimiter (vLLM's ``stop``
+    string, kept in the text), ``finished`` only at EOS, token counts over the generated tokens. A prompt's ``n``
+    samples are one request (``SamplingParams(n=...)``), so their shared prefix is prefilled once, and prefix
+    caching reuses it across calls. Every call is seeded (``seed`` or the sampler's seed plus a call counter), but
+    vLLM's samples are reproducible only best-effort: the same seed can give other samples when the batch around
+    a request or the GPU kernels differ.
+
     Args:
         model: A local model folder vLLM can load.
         temperature: Default temperature.
@@ -694,6 +702,7 @@ class VLLMSampler:
         max_new_tokens: Default cap on new tokens.
         seed: Engine and sampling seed.
         delimiter: Default step delimiter.
+        device: Where the job's other models (verifiers) go; default ``cuda`` when available.
         **llm_kwargs: Passed to ``vllm.LLM`` (``dtype``, ``gpu_memory_utilization``, ``tensor_parallel_size``...).
 
     Raises:
@@ -708,21 +717,42 @@ class VLLMSampler:
         max_new_tokens: int = 256,
         seed: int = 0,
         delimiter: str = "\n",
+        device: str | torch.device | None = None,
         **llm_kwargs: Any,
     ) -> None:
         try:
             from vllm import LLM, SamplingParams
         except ImportError as error:
             raise ImportError(VLLM_INSTALL_HINT) from error
+        from transformers import AutoConfig
+
         self._sampling_params = SamplingParams
         llm_kwargs.setdefault("enable_prefix_caching", True)
         self.llm = LLM(model=model, seed=seed, **llm_kwargs)
+        self.model_path = model
+        #: The model's Hugging Face config (``max_position_embeddings`` bounds prompts, as for :class:`Sampler`).
+        self.config = AutoConfig.from_pretrained(model, local_files_only=True)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         self.temperature = temperature
         self.top_p = top_p
         self.max_new_tokens = max_new_tokens
         self.seed = seed
         self.delimiter = delimiter
         self._calls = 0
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Replace the engine's weights (Hugging Face names) and drop its prefix cache, e.g. after an RL update."""
+        items = list(state_dict.items())
+        engine = getattr(self.llm, "llm_engine", None)
+        executor = getattr(engine, "model_executor", None)
+        worker = getattr(executor, "driver_worker", None)
+        runner = getattr(getattr(worker, "worker", worker), "model_runner", None)
+        if runner is not None and hasattr(runner, "model"):
+            runner.model.load_weights(items)  # the engine runs in this process: hand the tensors over
+        else:
+            self.llm.collective_rpc(_load_weights_on_worker, args=(items,))
+        self.llm.reset_prefix_cache()
 
     def complete(
         self,
@@ -780,6 +810,13 @@ class VLLMSampler:
             return_logprobs,
         )
 
+    def _tokens_through(self, ids: list[int], delimiter: str, occurrences: int) -> int:
+        """How many of ``ids`` it takes for their text to hold ``occurrences`` delimiters (all of them if never)."""
+        for keep in range(1, len(ids) + 1):
+            if self.tokenizer.decode(ids[:keep], skip_special_tokens=True).count(delimiter) >= occurrences:
+                return keep
+        return len(ids)
+
     def _generate(
         self,
         prompts: Sequence[str],
@@ -815,23 +852,30 @@ class VLLMSampler:
             row_texts, row_finished, row_reasons, row_ids, row_logprobs = [], [], [], [], []
             for completion in result.outputs:
                 text, ids = completion.text, list(completion.token_ids)
-                generated += len(ids)
+                token_logprobs = (
+                    [position[token].logprob for position, token in zip(completion.logprobs or [], ids)]
+                    if return_logprobs
+                    else []
+                )
                 if completion.finish_reason == "length":
                     reason = STOP_LENGTH
                 elif completion.stop_reason is None:
                     reason = STOP_EOS
                 else:
                     reason = step_reason
-                if max_steps is not None and reason != STOP_EOS and text.count(delimiter) >= max_steps:
+                if max_steps is not None and text.count(delimiter) >= max_steps:
+                    # vLLM generated on past the max_steps-th delimiter (perhaps to EOS); keep what Sampler would
+                    # have generated: it stops right after that delimiter.
                     text, reason = _cut_after(text, delimiter, max_steps), step_reason
+                    keep = self._tokens_through(ids, delimiter, max_steps)
+                    ids, token_logprobs = ids[:keep], token_logprobs[:keep]
+                generated += len(ids)
                 row_texts.append(text)
                 row_finished.append(reason == STOP_EOS)
                 row_reasons.append(reason)
                 row_ids.append(ids)
                 if return_logprobs:
-                    row_logprobs.append(
-                        [position[token].logprob for position, token in zip(completion.logprobs or [], ids)]
-                    )
+                    row_logprobs.append(token_logprobs)
             texts.append(row_texts)
             finished.append(row_finished)
             reasons.append(row_reasons)
@@ -840,3 +884,8 @@ class VLLMSampler:
         return SamplerOutput(
             texts, finished, reasons, token_ids, generated, prompt_tokens, logprobs if return_logprobs else None
         )
+
+
+def _load_weights_on_worker(worker: Any, items: list[tuple[str, torch.Tensor]]) -> None:
+    """Runs inside each vLLM worker process (``LLM.collective_rpc``)."""
+    worker.model_runner.model.load_weights(items)

@@ -34,6 +34,7 @@ from pavlit.interfaces import SPLITS, Problem, Reward, Search, Task
 from pavlit.labeling.job import LaunchArgs, SamplerArgs, check_num_problems
 from pavlit.labeling.mc import phase_seed
 from pavlit.labeling.shards import ShardStore, atomic_write_text, chunks_for_rank, describe, output_lock
+from pavlit.policy.backends import SamplerBackend
 from pavlit.policy.checks import check_prompts
 from pavlit.policy.sources import ModelSource
 from pavlit.search import report
@@ -130,6 +131,7 @@ def search(
     seed: int = 0,
     bootstrap: int = 1000,
     trainer: LaunchArgs | None = None,
+    backend: SamplerBackend | None = None,
 ) -> dict[str, Any]:
     """Run every method at every budget on a split and write results, report and plot.
 
@@ -149,6 +151,8 @@ def search(
         seed: Seed of every sampling call.
         bootstrap: Bootstrap resamples for the 95% CIs.
         trainer: Processes and nodes.
+        backend: The sampling engine (default: pavlit's ``Sampler``; ``pavlit.policy.backends.VLLMBackend`` on a
+            GPU).
 
     Returns:
         The ``results.json`` content (on rank 0; other ranks return their own counts).
@@ -191,7 +195,7 @@ def search(
     with output_lock(output_dir, "pavlit search"):
         return _run(
             task, policy, methods, Path(output_dir), split, num_problems, budgets, max_new_tokens, sampler,
-            alpha_sweep, efficiency or Efficiency(), chunk_size, seed, bootstrap, trainer,
+            alpha_sweep, efficiency or Efficiency(), chunk_size, seed, bootstrap, trainer, backend,
         )  # fmt: skip
 
 
@@ -303,28 +307,28 @@ def _work(
 
 def _run(
     task, policy, methods, out, split, num_problems, budgets, max_new_tokens, sampler_args, sweep, efficiency,
-    chunk_size, seed, bootstrap, trainer,
+    chunk_size, seed, bootstrap, trainer, backend=None,
 ) -> dict[str, Any]:  # fmt: skip
 
-    from pavlit.policy.sampler import Sampler
+    from pavlit.policy.backends import PavlitBackend, SamplingSettings, backend_fingerprint
 
     fabric = trainer.launch()
     rank, world = fabric.global_rank, fabric.world_size
 
-    model, tokenizer = policy.load()
-    # The same checks as `pavlit label`: prompts the tokenizer covers and the context holds, a response cap within it.
-    check_prompts(_problems(task, split, num_problems), model, tokenizer, max_new_tokens)
-    if sweep is not None:
-        check_prompts(_problems(task, sweep.split, sweep.num_problems), model, tokenizer)
-    sampler = Sampler(
-        model.to(fabric.device),
-        tokenizer,
+    sampling = SamplingSettings(
         temperature=sampler_args.temperature,
         top_p=sampler_args.top_p,
         max_new_tokens=max_new_tokens,
         max_batch=sampler_args.max_batch,
         delimiter=task.step_delimiter,
     )
+    sampler = (backend or PavlitBackend()).build(policy, sampling, fabric.device)
+    # A vLLM sampler has no torch model here; it carries the model's config itself.
+    model, tokenizer = getattr(sampler, "model", sampler), sampler.tokenizer
+    # The same checks as `pavlit label`: prompts the tokenizer covers and the context holds, a response cap within it.
+    check_prompts(_problems(task, split, num_problems), model, tokenizer, max_new_tokens)
+    if sweep is not None:
+        check_prompts(_problems(task, sweep.split, sweep.num_problems), model, tokenizer)
     common = {
         "task": describe(task),
         "policy": describe(policy),
@@ -332,6 +336,7 @@ def _run(
         "sampler": vars(sampler_args),
         "chunk_size": chunk_size,
         "seed": seed,
+        **backend_fingerprint(backend),
     }
     stats: dict[str, Any] = {}
     sweep_summary = None
