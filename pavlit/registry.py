@@ -18,8 +18,8 @@ Rules, after pytest and llm:
 - :func:`list_plugins` reads package metadata only; it imports no plugin.
 - :func:`load` imports one plugin and checks it is a concrete subclass of its group's interface.
 - :func:`load_all` imports every plugin so that LightningCLI YAML can name them by short class name
-  (``class_path: TemperedProver``); a plugin that fails is a :class:`PluginWarning` naming its
-  distribution, never a crash.
+  (``class_path: TemperedProver``); a plugin that fails (whatever it raises, ``sys.exit()`` included) is a
+  :class:`PluginWarning` naming its distribution, never a crash.
 - Two distributions registering the same name in one group is a :class:`PluginError`.
 - ``PAVLIT_DISABLE_PLUGIN_AUTOLOAD=1`` keeps :func:`load_all` to pavlit's own built-ins (like pytest's
   ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``); a plugin asked for by name with :func:`load` still loads.
@@ -242,7 +242,8 @@ def _import(plugin: PluginInfo) -> type:
     expected = f"a subclass of {interface.__module__}.{interface.__qualname__}"
     try:
         obj = importlib.metadata.EntryPoint(plugin.name, plugin.target, plugin.kind).load()
-    except Exception as err:  # a plugin's import can raise anything; it must not take the CLI down with it
+    except (Exception, SystemExit) as err:  # a plugin's import can raise anything, even sys.exit(); it must not
+        # take the CLI down with it (KeyboardInterrupt and pavlit.cli.Interrupted, a signal, still end the command)
         raise PluginError(f"{plugin.describe()} failed to import: {type(err).__name__}: {err}") from err
     if not isinstance(obj, type):
         raise PluginError(f"{plugin.describe()} is {obj!r}, not a class; expected {expected}")

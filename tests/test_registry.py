@@ -153,6 +153,36 @@ def test_load_all_turns_broken_plugins_into_warnings_naming_their_distribution(m
     assert "'plain-dist 2.0'" in messages[2] and "not a subclass of pavlit.interfaces.Prover" in messages[2]
 
 
+@pytest.mark.parametrize(("index", "code"), enumerate(["sys.exit(3)", "raise SystemExit", "sys.exit('bye')"]))
+def test_a_plugin_calling_sys_exit_at_import_is_a_warning_not_the_end(make_module, index, code):
+    exiting = make_module(f"reg_probe_exit_{index}", f"import sys\n{code}\n")
+    good = _prover_module(make_module, f"reg_probe_good_beside_exit_{index}", cls="GoodProver")
+    plugins = [
+        _plugin("quits", f"{exiting}:Anything", dist="quitter-dist", version="0.9"),
+        _plugin("good", f"{good}:GoodProver", dist="good-dist"),
+    ]
+    with pytest.warns(PluginWarning) as record:
+        loaded = registry.load_all(entry_points=plugins)
+    assert list(loaded["pavlit.provers"]) == ["good"]
+    [message] = [str(w.message) for w in record]
+    assert "'quitter-dist 0.9'" in message and "failed to import: SystemExit" in message
+    with pytest.raises(PluginError, match="quitter-dist 0.9.*SystemExit"):
+        registry.load("provers", "quits", entry_points=plugins)
+
+
+def test_a_plugin_calling_sys_exit_does_not_end_a_command(make_module, monkeypatch, tmp_path, capsys):
+    from pavlit.cli import main
+
+    exiting = make_module("reg_probe_exit_cli", "import sys\nsys.exit(3)\n")
+    monkeypatch.setattr(registry, "discover", lambda: [_plugin("quits", f"{exiting}:X", dist="quitter-dist")])
+    config = tmp_path / "label.yaml"
+    config.write_text("task: {class_path: pavlit.tasks.arithmetic.ArithmeticTask}\noutput_dir: out\n")
+    # The command goes on to do what it was asked (--print_config prints the config and exits 0), with a warning.
+    with pytest.warns(PluginWarning, match="quitter-dist"), pytest.raises(SystemExit) as done:
+        main(["label", "--config", str(config), "--print_config"])
+    assert done.value.code in (0, None) and "ArithmeticTask" in capsys.readouterr().out
+
+
 def test_duplicate_names_are_an_error_naming_both_distributions():
     plugins = [
         _plugin("beam", "acme.search:Beam", kind="pavlit.search", dist="acme-search", version="1.0"),
