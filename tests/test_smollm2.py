@@ -7,10 +7,15 @@ plus the ``smollm2`` extra); they convert the packaged GGUF into a temporary cac
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pavlit.policy import loading
 from pavlit.policy.loading import SMOLLM2_INSTALL_HINT, convert_gguf_once, smollm2_135m
@@ -94,3 +99,41 @@ def test_real_model_is_llama_and_decodes_like_hugging_face(smol_cache: Path) -> 
     expected = tokenizer.decode(reference[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     out = Sampler(model, tokenizer, temperature=0.0, max_new_tokens=12, delimiter="\n\n\n").complete([prompt])
     assert out.texts[0][0] == expected  # the grouped decoder, greedily, equals HF generate on the real model
+
+
+# Every stage at its smallest: two optimizer steps per fit, a few problems per labelling / search split (four
+# labelled problems, so that the verifiers' split by problem can leave some on each side).
+SMALL = {
+    "fit": ["--trainer.max_steps", "2"],
+    "label": ["--num_problems", "4", "--label.n_cov", "1", "--label.n_mc", "1", "--label.max_steps", "3"],
+    "search": ["--num_problems", "2", "--budgets", "[1, 2]", "--max_new_tokens", "64"],
+}
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_pipeline_runs_every_stage_on_a_few_problems(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "configs").symlink_to(repo / "configs")  # the stage configs' relative runs/smollm2/... land in tmp
+    config = yaml.safe_load((repo / "configs" / "smollm2_135m" / "pipeline.yaml").read_text())
+    config["shared_args"] = SMALL
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    done = subprocess.run(
+        [sys.executable, "-m", "pavlit", "pipeline", "--config", "pipeline.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    run = tmp_path / "runs" / "smollm2"
+    assert (run / "sft" / "policy" / "config.json").exists() and (run / "sft" / "policy_adapter").is_dir()
+    labels = json.loads((run / "labels" / "metrics.json").read_text())
+    assert labels["records"] > 0
+    results = json.loads((run / "search" / "results.json").read_text())
+    assert {point["method"] for point in results["points"]} >= {"orm_bon", "pqv_beam", "pav_beam"}
+    assert (run / "rl" / "metrics.json").exists()
+    report = (run / "report.md").read_text()
+    assert all(f"## {stage}" in report for stage in ("sft", "label", "orm", "pav", "search", "rl"))
