@@ -29,6 +29,10 @@ on the next pipeline run even when its output file exists — a stage may write 
 its files (a Hugging Face export writes ``config.json`` before the weights), so only a clean exit says it is
 complete. On Linux a stage dies with the pipeline (``kill -9`` of the pipeline does not leave it running, racing
 the rerun).
+
+Stage names are plain names (letters, digits, ``.``, ``_``, ``-``; no ``/`` or ``..``): they name the stage's files
+in ``<run_dir>/logs``. A stage that runs the pipeline's own config (directly, or through another pipeline) is
+refused before anything runs: it would recurse without end.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -45,6 +50,10 @@ from pathlib import Path
 from typing import Any
 
 from pavlit.labeling.shards import atomic_write_text
+
+#: The configs of the pipelines this process runs inside (``os.pathsep``-separated real paths), inherited by stages.
+STACK_ENV = "PAVLIT_PIPELINE_STACK"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass
@@ -83,8 +92,17 @@ def pipeline(run_dir: str, stages: list[Stage], shared_args: dict[str, list[str]
     if not stages:
         raise ValueError("the pipeline config lists no stages")
     names = [s.name for s in stages]
+    for name in names:
+        if not _PLAIN_NAME.fullmatch(name) or ".." in name:
+            raise ValueError(
+                f"stages: name {name!r} must be a plain name (letters, digits, '.', '_', '-'; no '/' or '..'), as it "
+                f"names the stage's files in {Path(run_dir) / 'logs'}"
+            )
     if len(set(names)) != len(names):
         raise ValueError(f"stage names must be unique, got {names}")
+    for stage in stages:
+        if not stage.command:
+            raise ValueError(f"stage {stage.name!r}: command is empty; expected e.g. [fit, --config, <file>]")
     root = Path(run_dir)
     (root / "logs").mkdir(parents=True, exist_ok=True)
     shared_args = shared_args or {}
@@ -254,9 +272,51 @@ def pipeline_command(argv: list[str]) -> int:
     parser.add_function_arguments(pipeline, fail_untyped=True)
     cfg = parser.parse_args(argv)
     init = parser.instantiate_classes(cfg)
+    configs = [os.path.realpath(str(c)) for c in (cfg.get("config") or []) if c is not None]
+    stack = [p for p in os.environ.get(STACK_ENV, "").split(os.pathsep) if p]
+    before = os.environ.get(STACK_ENV)
     try:
+        check_no_recursion(init.stages, configs, stack)
+        os.environ[STACK_ENV] = os.pathsep.join([*stack, *configs])
         pipeline(init.run_dir, init.stages, init.shared_args)
     except (RuntimeError, ValueError) as err:
         print(f"pavlit pipeline: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if before is None:
+            os.environ.pop(STACK_ENV, None)
+        else:
+            os.environ[STACK_ENV] = before
     return 0
+
+
+def check_no_recursion(stages: list[Stage], configs: list[str], stack: list[str]) -> None:
+    """Refuse a pipeline config already running above this one, and a stage that runs this pipeline's own config.
+
+    Args:
+        stages: This pipeline's stages.
+        configs: The real paths of this pipeline's config files.
+        stack: The real paths of the configs of the pipelines running above this one (:data:`STACK_ENV`).
+
+    Raises:
+        ValueError: Naming the stage or config that recurses.
+    """
+    for config in configs:
+        if config in stack:
+            raise ValueError(
+                f"{config} is already running as a pipeline above this one (a stage of it runs it again); a pipeline "
+                "cannot be a stage of itself"
+            )
+    for stage in stages:
+        if not stage.command or stage.command[0] != "pipeline":
+            continue
+        args = stage.command[1:]
+        for index, arg in enumerate(args):
+            value = args[index + 1] if arg == "--config" and index + 1 < len(args) else None
+            if arg.startswith("--config="):
+                value = arg.split("=", 1)[1]
+            if value is not None and os.path.realpath(value) in {*configs, *stack}:
+                raise ValueError(
+                    f"stage {stage.name!r} runs the pipeline config {value} that it is part of; a pipeline cannot be "
+                    "a stage of itself (it would recurse without end)"
+                )

@@ -14,9 +14,11 @@ Every row lists the parts the message must contain: the file (and line or row) o
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -159,6 +161,113 @@ def pipeline_argv(ctx: Ctx, stages: list[dict]) -> list[str]:
     return ["pipeline", "--config", ctx.config("pipeline.yaml", {"run_dir": str(ctx.tmp / "run"), "stages": stages})]
 
 
+# --- inputs for issue 19's cases ---------------------------------------------------------------------------------
+
+NAN, INF = "__yaml_nan__", "__yaml_inf__"  # written into a config as YAML's .nan / .inf (JSON has neither)
+
+
+def with_yaml_floats(argv: list[str]) -> list[str]:
+    """Rewrite the row's config file so that the NAN / INF markers become YAML's ``.nan`` / ``.inf``."""
+    path = Path(argv[argv.index("--config") + 1])
+    text = path.read_text(encoding="utf-8").replace(f'"{NAN}"', ".nan").replace(f'"{INF}"', ".inf")
+    path.write_text(text, encoding="utf-8")
+    return argv
+
+
+def model_folder(ctx: Ctx, name: str = "model", alphabet: str = "0123456789+-*=?#:.\n What is", **config: Any) -> str:
+    """A saved tiny causal-LM folder; ``config`` keys overwrite its config.json (the weights stay as saved)."""
+    from pavlit.policy.loading import tiny_policy
+    from pavlit.policy.tokenizer import build_char_tokenizer
+
+    folder = ctx.tmp / name
+    tokenizer = build_char_tokenizer(alphabet)
+    tiny_policy(tokenizer, n_layer=1, n_embd=16, n_head=2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if config:
+        saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        (folder / "config.json").write_text(json.dumps({**saved, **config}), encoding="utf-8")
+    return str(folder)
+
+
+def pretrained(path: str) -> dict[str, Any]:
+    return {"class_path": "Pretrained", "init_args": {"path": path}}
+
+
+def bert_folder(ctx: Ctx) -> str:
+    from transformers import BertConfig, BertModel
+
+    from pavlit.policy.tokenizer import build_char_tokenizer
+
+    folder = ctx.tmp / "bert"
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertModel(config).save_pretrained(folder)
+    build_char_tokenizer("0123456789+-*=?#:.\n What is").save_pretrained(folder)
+    return str(folder)
+
+
+def truncated_weights_folder(ctx: Ctx) -> str:
+    folder = Path(model_folder(ctx))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return str(folder)
+
+
+def vocabulary_mismatch_folder(ctx: Ctx) -> str:
+    """A model saved for a 4-character vocabulary beside the tokenizer of a much larger one."""
+    from pavlit.policy.tokenizer import build_char_tokenizer
+
+    folder = model_folder(ctx, alphabet="0123")
+    build_char_tokenizer("0123456789+-*=?#:.\n What is").save_pretrained(folder)
+    return folder
+
+
+def disk_full(ctx: Ctx) -> list[str]:
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    argv = label_argv(ctx)
+    ctx.monkeypatch.setattr(os, "fsync", no_space)
+    return argv
+
+
+def locked_output_dir(ctx: Ctx) -> list[str]:
+    from pavlit.labeling.shards import LOCK_FILE
+
+    holder = {"pid": os.getppid(), "host": socket.gethostname(), "command": "pavlit label"}  # a live process
+    ctx.write(f"labels/{LOCK_FILE}", json.dumps(holder))
+    return label_argv(ctx)
+
+
+def not_utf8(ctx: Ctx, name: str, good: list[Any], bad_line: bytes) -> str:
+    path = ctx.tmp / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes("".join(json.dumps(r) + "\n" for r in good).encode() + bad_line + b"\n")
+    return str(path)
+
+
+def rollouts_not_utf8(ctx: Ctx) -> list[str]:
+    rollout = {"problem_id": "a", "prompt": "Q", "response": "1\n", "correct": True}
+    argv = sft_argv(ctx, [rollout])
+    not_utf8(ctx, "rollouts.jsonl", [rollout], b'{"problem_id": "\xfe"}')
+    return argv
+
+
+def conflicting_duplicate_labels(ctx: Ctx) -> list[str]:
+    # good_labels() holds this rollout's prefix 1 (line 5) as 3/4 correct; another job labelled it 1/4.
+    return fit_argv(ctx, ctx.jsonl("l.jsonl", [*good_labels(), step_label("p1", ("ok\n",), n_correct=1)]))
+
+
+def validate_argv(ctx: Ctx) -> list[str]:
+    argv = fit_argv(ctx, ctx.jsonl("l.jsonl", good_labels()), val_fraction=0.0)
+    return ["validate", *argv[1:]]
+
+
+def recursive_pipeline(ctx: Ctx) -> list[str]:
+    config = str(ctx.tmp / "pipeline.yaml")
+    return pipeline_argv(ctx, [{"name": "again", "command": ["pipeline", "--config", config], "output": "x"}])
+
+
+
 def corrupt_job_json(ctx: Ctx) -> list[str]:
     ctx.write("labels/job.json", '{"fingerprint": "ab')  # a run killed while an old pavlit wrote it
     return label_argv(ctx)
@@ -229,8 +338,8 @@ def model_folder_without_pad_or_eos(ctx: Ctx) -> Callable[[], Any]:
     from pavlit.policy.tokenizer import build_char_tokenizer
 
     folder = ctx.tmp / "model"
-    tiny_policy(build_char_tokenizer("0123"), n_layer=1, n_embd=16, n_head=2).save_pretrained(folder)
-    tokenizer_without_pad_or_eos().save_pretrained(folder)
+    tiny_policy(build_char_tokenizer("Qp0123:okn\n"), n_layer=1, n_embd=16, n_head=2).save_pretrained(folder)
+    tokenizer_without_pad_or_eos().save_pretrained(folder)  # the same vocabulary, without pad and eos
     return lambda: load_policy(folder)
 
 
@@ -385,6 +494,106 @@ CASES = [
          lambda c: pipeline_argv(c, [{"name": "sft", "command": ["fitt"], "output": str(c.tmp / "done")}]),
          ("stage 'sft' failed (exit 2)", "{tmp}/run/logs/sft.log")),
     Case("pipeline-config-missing", lambda c: ["pipeline", "--config", "nowhere.yaml"], ("nowhere.yaml",)),
+    # --- issue 19: numeric and string options, validated where they are parsed ----------------------------------
+    Case("label-num-problems-negative", lambda c: label_argv(c, num_problems=-1),
+         ("num_problems must be >= 1 (or null for the whole split), got -1",)),
+    Case("label-temperature-nan", lambda c: with_yaml_floats(label_argv(c, sampler={"temperature": NAN})),
+         ("SamplerArgs.temperature must be finite and >= 0", "got nan")),
+    Case("label-temperature-inf", lambda c: with_yaml_floats(label_argv(c, sampler={"temperature": INF})),
+         ("SamplerArgs.temperature must be finite and >= 0", "got inf")),
+    Case("label-max-new-tokens-past-the-context", lambda c: label_argv(c, label={"n_cov": 1, "max_new_tokens": 10**12}),
+         ("max_new_tokens must be at most 256, the policy's context (max_position_embeddings); got 1000000000000",)),
+    Case("label-tiny-n-head-zero", lambda c: label_argv(c, policy={"class_path": "TinyPolicy",
+                                                                   "init_args": {**TINY, "n_head": 0}}),
+         ("TinyPolicy.n_head must be a positive integer, got 0",)),
+    Case("label-tiny-n-embd-zero", lambda c: label_argv(c, policy={"class_path": "TinyPolicy",
+                                                                   "init_args": {**TINY, "n_embd": 0}}),
+         ("TinyPolicy.n_embd must be a positive integer, got 0",)),
+    Case("fit-max-steps-negative",
+         lambda c: [*fit_argv(c, c.jsonl("l.jsonl", good_labels())), "--trainer.max_steps=-5"],
+         ("pavlit fit: error: ValueError: trainer: `max_steps` must be a non-negative integer or -1", "passed in -5")),
+    Case("fit-pav-warmup-steps-negative",
+         lambda c: fit_argv(c, c.jsonl("l.jsonl", good_labels()), model_args={"warmup_steps": -1}),
+         ("PAVModule.warmup_steps must be >= 0, got -1",)),
+    Case("validate-without-validation-data", validate_argv,
+         ("{tmp}/l.jsonl: no validation examples for `pavlit validate`", "data.val_fraction is 0.0")),
+    Case("search-num-problems-negative", lambda c: search_argv(c, num_problems=-1),
+         ("num_problems must be >= 1 (or null for the whole split), got -1",)),
+    Case("search-max-new-tokens-zero", lambda c: search_argv(c, max_new_tokens=0),
+         ("max_new_tokens must be >= 1, got 0",)),
+    Case("search-max-new-tokens-past-the-context", lambda c: search_argv(c, max_new_tokens=10**12),
+         ("max_new_tokens must be at most 128, the policy's context",)),
+    Case("search-temperature-inf", lambda c: with_yaml_floats(search_argv(c, sampler={"temperature": INF})),
+         ("SamplerArgs.temperature must be finite and >= 0", "got inf")),
+    Case("search-bootstrap-zero", lambda c: search_argv(c, bootstrap=0),
+         ("bootstrap must be >= 10 resamples for a 95% CI, got 0",)),
+    Case("search-duplicate-budgets", lambda c: search_argv(c, budgets=[1, 2, 1]),
+         ("method 'vote': budgets must be distinct, got [1, 2, 1] ([1] repeated)",)),
+    Case("search-method-with-empty-budgets",
+         lambda c: search_argv(c, [{"name": "vote", "search": {"class_path": "BestOfN"}, "budgets": []}]),
+         ("method 'vote': budgets is empty; give budgets, or leave it out to use the job's",)),
+    Case("search-efficiency-names-an-unknown-method", lambda c: search_argv(c, efficiency={"baseline": "orm_bon"}),
+         ("efficiency.baseline names 'orm_bon', which is not among the methods ['vote']",)),
+    Case("search-alpha-sweep-not-finite",
+         lambda c: with_yaml_floats(search_argv(c, alpha_sweep={"method": "vote", "alphas": [0.5, NAN]})),
+         ("AlphaSweep.alphas must be finite numbers, got [nan]",)),
+    # --- issue 19: model folders and tokenizers, checked before use ---------------------------------------------
+    Case("label-policy-folder-is-bert", lambda c: label_argv(c, policy=pretrained(bert_folder(c))),
+         ("{tmp}/bert/config.json: the weights in {tmp}/bert do not hold this model", "newly initialised at random",
+          "PAVLIT_ALLOW_NEW_WEIGHTS")),
+    Case("label-policy-folder-declares-more-layers",
+         lambda c: label_argv(c, policy=pretrained(model_folder(c, num_hidden_layers=3))),
+         ("{tmp}/model/config.json: the weights in {tmp}/model do not hold this model", "model.layers.")),
+    Case("fit-backbone-folder-declares-more-layers",
+         lambda c: fit_argv(c, c.jsonl("l.jsonl", good_labels()),
+                            model_args={"source": pretrained(model_folder(c, num_hidden_layers=2))}),
+         ("{tmp}/model/config.json: the weights in {tmp}/model do not hold this model",)),
+    Case("label-policy-weights-truncated", lambda c: label_argv(c, policy=pretrained(truncated_weights_folder(c))),
+         ("{tmp}/model/model.safetensors: cannot read the weights", "is the file truncated?")),
+    Case("label-policy-vocabulary-mismatch", lambda c: label_argv(c, policy=pretrained(vocabulary_mismatch_folder(c))),
+         ("{tmp}/model: the tokenizer has", "tokens but the model's embedding holds 8")),
+    Case("label-tokenizer-lacks-the-prompts-characters",
+         lambda c: label_argv(c, policy={"class_path": "TinyPolicy",
+                                         "init_args": {**TINY, "alphabet": "0123456789+=#"}}),
+         ("problem 'train-0' (from {tmp}/task.jsonl): its prompt has characters the policy's tokenizer does not know",
+          " ?Wahist'", "add them to TinyPolicy.alphabet")),
+    Case("search-prompt-longer-than-the-context",
+         lambda c: search_argv(c, policy={"class_path": "TinyPolicy", "init_args": {**TINY, "max_position": 8}},
+                               max_new_tokens=4),
+         ("problem 'test-00000': its prompt is 25 tokens, but the policy's context holds 8 positions",)),
+    # --- issue 19: task and label files ---------------------------------------------------------------------------
+    Case("label-task-answer-marker-without-value",
+         lambda c: label_argv(c, train_rows=[{"question": "What is 1+1?", "answer": "1+1=2\n#### "}]),
+         ("{tmp}/task.jsonl:1: the solution's answer marker has no value ('1+1=2\\n####')",)),
+    Case("label-task-bare-answer-marker-without-value",
+         lambda c: label_argv(c, train_rows=[{"question": "What is 1+1?", "answer": "#### "}]),
+         ("{tmp}/task.jsonl:1: the solution's answer marker has no value",)),
+    Case("label-task-answer-json-nan",
+         lambda c: label_argv(c, train_rows=['{"question": "What is 1+1?", "answer": NaN}']),
+         ("{tmp}/task.jsonl:1: field 'answer' is nan (a JSON NaN or Infinity); expected a string",)),
+    Case("label-task-empty-question", lambda c: label_argv(c, train_rows=[{"question": "  ", "answer": "#### 2"}]),
+         ("{tmp}/task.jsonl:1: field 'question' is empty",)),
+    Case("label-task-not-utf8",
+         lambda c: label_argv(c, task={"class_path": "JsonlTask", "init_args": {"train_path": not_utf8(
+             c, "latin1.jsonl", GSM_ROWS, b'{"question": "caf\xe9?", "answer": "#### 1"}')}}),
+         ("{tmp}/latin1.jsonl:3: not UTF-8 text (byte 0xe9 at column 18)", "expected a UTF-8 encoded file")),
+    Case("fit-pav-labels-not-utf8",
+         lambda c: fit_argv(c, not_utf8(c, "l.jsonl", good_labels(), b'{"problem_id": "\xff"}')),
+         ("{tmp}/l.jsonl:13: not UTF-8 text (byte 0xff",)),
+    Case("fit-rft-rollouts-not-utf8", rollouts_not_utf8, ("{tmp}/rollouts.jsonl:2: not UTF-8 text (byte 0xfe",)),
+    Case("label-disk-full", disk_full, ("No space left on device", "{tmp}/labels/")),
+    # --- issue 19: resumable work ---------------------------------------------------------------------------------
+    Case("label-output-dir-locked-by-a-running-job", locked_output_dir,
+         ("{tmp}/labels: another pavlit job is writing here (pid", "{tmp}/labels/.pavlit.lock")),
+    Case("fit-pav-conflicting-duplicate-labels", conflicting_duplicate_labels,
+         ("{tmp}/l.jsonl:13: the same rollout's prefix 1 appears earlier with other labels ({tmp}/l.jsonl:5: 3/4",
+          "here 1/4", "two label jobs mixed?")),
+    # --- issue 19: pipelines --------------------------------------------------------------------------------------
+    Case("pipeline-stage-name-with-a-path",
+         lambda c: pipeline_argv(c, [{"name": "../../x", "command": ["plugins"], "output": "x"}]),
+         ("stages: name '../../x' must be a plain name", "no '/' or '..'")),
+    Case("pipeline-stage-runs-its-own-config", recursive_pipeline,
+         ("stage 'again' runs the pipeline config {tmp}/pipeline.yaml that it is part of",)),
     # --- dataset files (library) ----------------------------------------------------------------------------------
     Case("dataset-parquet-truncated", truncated_parquet,
          ("{tmp}/labels.parquet: cannot read it as Parquet", "is the file truncated"), how="library",
@@ -453,9 +662,12 @@ def test_bad_input_fails_with_a_clear_message(case, tmp_path, monkeypatch, capsy
 def _log_to_the_current_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
     # Lightning's loggers keep the stderr of the test that first imported them, which pytest has closed since;
     # writing to it would print a logging error ("--- Logging error --- Traceback ...") that is not pavlit's.
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler):
+    # The same holds for any library logger (transformers') whose handler kept a stream pytest has closed since.
+    for name in list(logging.Logger.manager.loggerDict):
+        for handler in getattr(logging.getLogger(name), "handlers", []):
+            if not isinstance(handler, logging.StreamHandler) or type(handler).__module__.startswith("_pytest"):
+                continue
+            if name.startswith(("lightning", "transformers")) or getattr(handler.stream, "closed", False):
                 monkeypatch.setattr(handler, "stream", sys.stderr)
 
 

@@ -37,6 +37,7 @@ from pavlit.data.step_labels import (
     split_problems,
 )
 from pavlit.labeling.records import validate_record
+from pavlit.modules.checks import check_validation_data
 from pavlit.steps import StepTokens, pad_step_batch, step_end_token_indices
 from pavlit.verifier import balance_weights
 
@@ -249,6 +250,7 @@ class OutcomeDataModule(LightningDataModule):
         return DataLoader(self.train_examples, self.batch_size, sampler=sampler, collate_fn=collate, **self._workers())
 
     def val_dataloader(self) -> DataLoader:
+        check_validation_data(self, self.val_examples, f"data.val_fraction is {self.val_fraction}; raise it")
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = DistributedSampler(self.val_examples, num_replicas=world, rank=rank, shuffle=False)

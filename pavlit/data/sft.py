@@ -33,6 +33,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from pavlit.interfaces import Problem, Task
+from pavlit.labeling.records import text_lines
+from pavlit.modules.checks import check_validation_data
 
 __all__ = [
     "IGNORE_INDEX",
@@ -118,28 +120,27 @@ def read_rollouts(path: str | Path) -> list[Rollout]:
             raise ValueError(f"{path}: a rollouts folder needs *.jsonl files (as pavlit label's <output_dir>/rollouts)")
         return [rollout for file in files for rollout in read_rollouts(file)]
     rollouts = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from error
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object with keys {ROLLOUT_KEYS}")
-            missing = [key for key in ROLLOUT_KEYS if key not in record]
-            if missing:
-                raise ValueError(f"{where}: missing key(s) {missing}; a rollout line needs {ROLLOUT_KEYS}")
-            for key in ("problem_id", "prompt", "response"):
-                if not isinstance(record[key], str):
-                    raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
-            correct = record["correct"]
-            # 0/1 numbers are accepted because outcome fields are often written as floats (1.0 = Rex passed).
-            if not isinstance(correct, bool) and correct not in (0, 1):
-                raise ValueError(f"{where}: 'correct' must be true/false (or 0/1), got {correct!r}")
-            rollouts.append(Rollout(record["problem_id"], record["prompt"], record["response"], bool(correct)))
+    for number, line in text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error.msg})") from error
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object with keys {ROLLOUT_KEYS}")
+        missing = [key for key in ROLLOUT_KEYS if key not in record]
+        if missing:
+            raise ValueError(f"{where}: missing key(s) {missing}; a rollout line needs {ROLLOUT_KEYS}")
+        for key in ("problem_id", "prompt", "response"):
+            if not isinstance(record[key], str):
+                raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+        correct = record["correct"]
+        # 0/1 numbers are accepted because outcome fields are often written as floats (1.0 = Rex passed).
+        if not isinstance(correct, bool) and correct not in (0, 1):
+            raise ValueError(f"{where}: 'correct' must be true/false (or 0/1), got {correct!r}")
+        rollouts.append(Rollout(record["problem_id"], record["prompt"], record["response"], bool(correct)))
     return rollouts
 
 
@@ -225,6 +226,7 @@ class SFTDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in a fixed order."""
+        check_validation_data(self, self.val_examples, "the task's validation split is empty; give it problems")
         return self._loader(self.val_examples, shuffle=False)
 
     def _loader(

@@ -16,9 +16,11 @@ Choices (each documented, each configurable):
   an example is a whole rollout holding labels of both classes, so a sampler cannot balance labels, while weights
   ``N / (2 n_class)`` from the training labels give each class half of the loss — what balanced sampling of
   prefixes gives in expectation, without dropping or repeating any data. Validation metrics are unweighted.
-* **Dedupe**: a record repeated within one rollout (a re-run shard) is dropped; identical ``(problem_id, policy,
-  steps)`` prefixes of *different* rollouts (the shared question-only prefix, a common first step) are pooled —
-  their raw counts add up, ``q = Σ n_correct / Σ n_rollouts`` — and labelled once, at their first occurrence.
+* **Dedupe**: a record repeated within one rollout (a re-run shard, a file given twice) is dropped; the same
+  rollout's prefix with *other* labels (two label jobs mixed into one dataset) is a bad record, never silently
+  dropped; identical ``(problem_id, policy, steps)`` prefixes of *different* rollouts (the shared question-only
+  prefix, a common first step) are pooled — their raw counts add up, ``q = Σ n_correct / Σ n_rollouts`` — and
+  labelled once, at their first occurrence.
 * **Too long**: a rollout longer than ``max_length`` tokens is cut at the last step boundary that fits, keeping the
   labels that fit (counted and logged); a prompt that alone does not fit is a bad record.
 * **Bad records** (missing fields, labels outside [0, 1] or NaN, empty steps, inconsistent prefixes, prompts longer
@@ -42,8 +44,9 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler
 
-from pavlit.labeling.records import validate_record
+from pavlit.labeling.records import text_lines, validate_record
 from pavlit.labeling.shards import SHARD_GLOB
+from pavlit.modules.checks import check_validation_data
 from pavlit.steps import StepTokens, pad_step_batch, step_end_token_indices
 from pavlit.verifier import balance_weights
 
@@ -112,15 +115,14 @@ def _looks_like_a_path(name: str) -> bool:
 
 
 def _jsonl_records(file: Path) -> Iterator[tuple[str, Any]]:
-    with file.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{file}:{line_no}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                yield where, f"not valid JSON ({err.msg}); is the file truncated?"
+    for line_no, line in text_lines(file):
+        if not line.strip():
+            continue
+        where = f"{file}:{line_no}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as err:
+            yield where, f"not valid JSON ({err.msg}); is the file truncated?"
 
 
 def _parquet_records(file: Path) -> Iterator[tuple[str, Any]]:
@@ -268,8 +270,18 @@ def group_rollouts(
         h = record["step_index"]
         if h in groups[key]:
             earlier_where, earlier = groups[key][h]
-            if list(earlier["steps"]) == list(record["steps"]) and earlier["prompt"] == record["prompt"]:
+            same_prefix = list(earlier["steps"]) == list(record["steps"]) and earlier["prompt"] == record["prompt"]
+            counts = (record["n_correct"], record["n_rollouts"])
+            earlier_counts = (earlier["n_correct"], earlier["n_rollouts"])
+            if same_prefix and counts == earlier_counts:
                 stats["duplicates"] += 1
+            elif same_prefix:
+                bad(
+                    where,
+                    f"the same rollout's prefix {h} appears earlier with other labels ({earlier_where}: "
+                    f"{earlier_counts[0]}/{earlier_counts[1]} correct, here {counts[0]}/{counts[1]}); two label jobs "
+                    "mixed? give each output folder once",
+                )
             else:
                 bad(where, f"another record of the same rollout and step_index {h} differs ({earlier_where})")
             continue
@@ -620,6 +632,7 @@ class StepLabelDataModule(LightningDataModule):
         return self._loader(self.train_examples, StepLabelCollator(self._pad_id(), *self.weights), self._sampler)
 
     def val_dataloader(self) -> DataLoader:
+        check_validation_data(self, self.val_examples, f"data.val_fraction is {self.val_fraction}; raise it")
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = DistributedSampler(self.val_examples, num_replicas=world, rank=rank, shuffle=False)

@@ -21,6 +21,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 from pavlit.data.outcomes import outcome_tokens
 from pavlit.models.adapters import LoRAArgs, QuantArgs, check_compatible
+from pavlit.modules.checks import check_optimisation
 from pavlit.policy.sources import ModelSource, TinyPolicy
 from pavlit.steps import pad_step_batch
 from pavlit.verifier import (
@@ -75,6 +76,7 @@ class ORMModule(LightningModule):
         warmup_steps: int = 100,
         export: bool = True,
     ) -> None:
+        check_optimisation("ORMModule", lr, weight_decay, warmup_steps)
         super().__init__()
         self.save_hyperparameters()
         source, lora, quant = as_model_source(source), as_group(lora, LoRAArgs), as_group(quant, QuantArgs)

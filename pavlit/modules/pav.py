@@ -28,6 +28,7 @@ from torchmetrics import MeanMetric, MeanSquaredError
 
 from pavlit.interfaces import Prover
 from pavlit.models.adapters import LoRAArgs, QuantArgs, check_compatible
+from pavlit.modules.checks import check_optimisation
 from pavlit.policy.sources import ModelSource, TinyPolicy
 from pavlit.steps import StepTokens, pad_step_batch, step_end_token_indices
 from pavlit.values import advantages
@@ -87,6 +88,7 @@ class PAVModule(LightningModule):
         warmup_steps: int = 100,
         export: bool = True,
     ) -> None:
+        check_optimisation("PAVModule", lr, weight_decay, warmup_steps)
         super().__init__()
         self.save_hyperparameters()
         source, lora, quant = as_model_source(source), as_group(lora, LoRAArgs), as_group(quant, QuantArgs)

@@ -30,6 +30,7 @@ from lightning.pytorch import LightningModule
 from pavlit.data.sft import IGNORE_INDEX
 from pavlit.interfaces import Problem, Task
 from pavlit.models.adapters import LoRAArgs, apply_lora, count_parameters, save_adapter
+from pavlit.modules.checks import check_optimisation
 from pavlit.policy.sampler import Sampler
 from pavlit.policy.sources import ModelSource, TinyPolicy
 
@@ -144,6 +145,7 @@ class SFTModule(LightningModule):
         eval_max_new_tokens: int = 128,
         export: bool = True,
     ) -> None:
+        check_optimisation("SFTModule", lr, weight_decay, warmup_steps)
         super().__init__()
         self.save_hyperparameters()
         if eval_samples < 1 or eval_problems < 0 or warmup_steps < 0:

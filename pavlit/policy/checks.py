@@ -56,13 +56,19 @@ def load_causal_lm(folder: Path, tokenizer: Any, **kwargs: Any) -> Any:
             listed), or the tokenizer has ids beyond the model's embedding.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    # transformers' own load report (a table of missing keys, as a warning) would precede the one error below.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
     except Exception as err:  # safetensors' SafetensorError derives from Exception only
         if "safetensor" not in f"{type(err).__module__}.{type(err).__name__}".lower():
             raise
         raise ValueError(f"{_weights_file(folder)}: cannot read the weights ({err}); is the file truncated?") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = sorted(info.get("missing_keys") or [])
     mismatched = [str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or []]
     if missing or mismatched:

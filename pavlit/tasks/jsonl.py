@@ -13,17 +13,25 @@ Responses are scored by extracting their final answer in the same ``style`` and 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pavlit.interfaces import SPLITS, Problem, Task
+from pavlit.labeling.records import text_lines
 from pavlit.tasks.answers import answers_match, extract_answer, has_final_answer, normalize_answer, split_solution
 
 __all__ = ["JsonlTask"]
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
+# The answer markers of each style: a solution holding one is never taken as a bare answer, even when it is empty.
+_MARKERS = {
+    "gsm8k": re.compile(r"####"),
+    "math": re.compile(r"\\boxed|\\fbox"),
+    "auto": re.compile(r"####|\\boxed|\\fbox|\banswer\s*(?::|is\b)|<answer>", re.IGNORECASE),
+}
 _QUESTION_FIELDS = ("question", "problem")
 _ANSWER_FIELDS = {"gsm8k": ("answer",), "math": ("solution", "answer"), "auto": ("answer", "solution")}
 
@@ -100,17 +108,16 @@ class JsonlTask(Task):
                 what = "a directory" if os.path.isdir(path) else "no such file"
                 raise FileNotFoundError(f"JsonlTask {split}_path: {path!r} is {what}; expected a JSON Lines file")
             n_rows = 0
-            with open(path, encoding="utf-8") as handle:
-                for line_number, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    where = f"{path}:{line_number}"
-                    problem = self._parse(split, len(problems), line, where)
-                    if problem.id in ids:
-                        raise ValueError(f"{where}: duplicate id {problem.id!r} (first at {ids[problem.id]})")
-                    ids[problem.id] = where
-                    problems.append(problem)
-                    n_rows += 1
+            for line_number, line in text_lines(path):
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_number}"
+                problem = self._parse(split, len(problems), line, where)
+                if problem.id in ids:
+                    raise ValueError(f"{where}: duplicate id {problem.id!r} (first at {ids[problem.id]})")
+                ids[problem.id] = where
+                problems.append(problem)
+                n_rows += 1
             if n_rows == 0:
                 raise ValueError(f"{path}: empty file; expected one JSON object per line")
         return tuple(problems)
@@ -122,6 +129,8 @@ class JsonlTask(Task):
                 value = row[name]
                 if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                     raise ValueError(f"{where}: field {name!r} should be a string, got {type(value).__name__}")
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"{where}: field {name!r} is {value} (a JSON NaN or Infinity); expected a string")
                 return str(value)
         raise ValueError(f"{where}: missing field {' or '.join(map(repr, names))} (row has {sorted(row)})")
 
@@ -133,12 +142,21 @@ class JsonlTask(Task):
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
         question = self._field(row, self.question_field, _QUESTION_FIELDS, where)
+        if not question.strip():
+            name = self.question_field or next(n for n in _QUESTION_FIELDS if n in row)
+            raise ValueError(f"{where}: field {name!r} is empty; expected the problem's text")
         solution = self._field(row, self.answer_field, _ANSWER_FIELDS[self.style], where)
         solution = _CALCULATOR.sub("", solution)
         answer = extract_answer(solution, self.style)
         steps: tuple[str, ...] | None = split_solution(solution, self.step_delimiter)
-        if answer is None and len(steps) == 1:
+        marked = _MARKERS[self.style].search(solution) is not None
+        if answer is None and len(steps) == 1 and not marked:
             answer, steps = solution.strip(), None
+        if answer is None and marked:
+            raise ValueError(
+                f"{where}: the solution's answer marker has no value ({solution.strip()[-40:]!r}); expected e.g. "
+                "'#### 42' or \\boxed{42}"
+            )
         if answer is None:
             expected = {"gsm8k": "a final '#### <answer>' line", "math": "a \\boxed{...} answer"}.get(
                 self.style, "a '#### <answer>' line, a \\boxed{...} or an 'Answer: ...' line"
