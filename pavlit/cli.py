@@ -349,6 +349,7 @@ def _lightning_classes() -> dict[str, type]:
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
     from lightning.pytorch.trainer.states import TrainerStatus
     from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from pavlit.callbacks import FiniteGuard
 
@@ -466,7 +467,10 @@ def _lightning_classes() -> dict[str, type]:
             parser.add_class_arguments(ResumeArgs, "resume")
 
         def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-            trainer = super().instantiate_trainer(**kwargs)
+            try:
+                trainer = super().instantiate_trainer(**kwargs)
+            except MisconfigurationException as err:  # Lightning's check of a trainer.* setting (max_steps: -5)
+                raise ValueError(f"trainer: {err}") from None
             config = self.config_init[self.subcommand] if self.subcommand else self.config_init
             default = config.get("finite_guard")
             guards = [c for c in trainer.callbacks if isinstance(c, FiniteGuard)]

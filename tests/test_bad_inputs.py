@@ -267,7 +267,6 @@ def recursive_pipeline(ctx: Ctx) -> list[str]:
     return pipeline_argv(ctx, [{"name": "again", "command": ["pipeline", "--config", config], "output": "x"}])
 
 
-
 def corrupt_job_json(ctx: Ctx) -> list[str]:
     ctx.write("labels/job.json", '{"fingerprint": "ab')  # a run killed while an old pavlit wrote it
     return label_argv(ctx)

@@ -39,6 +39,7 @@ from lightning.pytorch import LightningModule
 from pavlit.data.prompts import PromptBatch
 from pavlit.interfaces import Problem, Task
 from pavlit.models.adapters import LoRAArgs, apply_lora
+from pavlit.modules.checks import check_optimisation
 from pavlit.modules.sft import export_policy, pass_at_k, warmup_cosine
 from pavlit.policy.backends import PavlitBackend, SamplerBackend, SamplingSettings
 from pavlit.policy.loading import Policy
@@ -150,6 +151,7 @@ class PolicyRLModule(LightningModule):
         export: bool = True,
         backend: SamplerBackend | None = None,
     ) -> None:
+        check_optimisation("PolicyRLModule", lr, weight_decay, warmup_steps)
         super().__init__()
         self.save_hyperparameters()
         if reward_form not in ("advantage", "q_mu"):
