@@ -533,6 +533,10 @@ CASES = [
          ("method 'vote': budgets is empty; give budgets, or leave it out to use the job's",)),
     Case("search-efficiency-names-an-unknown-method", lambda c: search_argv(c, efficiency={"baseline": "orm_bon"}),
          ("efficiency.baseline names 'orm_bon', which is not among the methods ['vote']",)),
+    Case("search-reward-alpha-not-finite",
+         lambda c: with_yaml_floats(search_argv(c, [{"name": "mc", "search": {"class_path": "BestOfN"}, "reward": {
+             "class_path": "MCReward", "init_args": {"n_rollouts": 4, "alpha": INF}}}])),
+         ("method 'mc': reward alpha must be a finite number, got inf",)),
     Case("search-alpha-sweep-not-finite",
          lambda c: with_yaml_floats(search_argv(c, alpha_sweep={"method": "vote", "alphas": [0.5, NAN]})),
          ("AlphaSweep.alphas must be finite numbers, got [nan]",)),
@@ -672,8 +676,8 @@ def _log_to_the_current_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_table_covers_every_stage():
     stages = {case.id.split("-")[0] for case in CASES}
-    assert {"label", "fit", "search", "pipeline", "dataset", "plugin", "model", "tokenizer"} <= stages
-    assert len(CASES) >= 32 and len({case.id for case in CASES}) == len(CASES)
+    assert {"label", "fit", "validate", "search", "pipeline", "dataset", "plugin", "model", "tokenizer"} <= stages
+    assert len(CASES) >= 90 and len({case.id for case in CASES}) == len(CASES)
     assert sum(case.how == "process" for case in CASES) >= 2
 
 

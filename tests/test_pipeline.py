@@ -133,3 +133,25 @@ def test_shipped_pipeline_configs_name_files_that_exist(capsys):
             named += [arg for arg in command if arg.endswith(".py")]
             for path in named:
                 assert (repo / path).is_file(), f"{config.name}: stage {stage['name']} names missing {path}"
+
+
+def test_a_pipeline_that_runs_itself_through_another_pipeline_is_refused(tmp_path, capsys):
+    """A → B → A: B's stage names A's config, which only the inherited stack of running pipelines reveals."""
+    outer, inner = tmp_path / "outer.yaml", tmp_path / "inner.yaml"
+    for this, other in ((outer, inner), (inner, outer)):
+        stage = {"name": "nested", "command": ["pipeline", "--config", str(other)], "output": str(tmp_path / "x")}
+        this.write_text(yaml.safe_dump({"run_dir": str(tmp_path / this.stem), "stages": [stage]}))
+    assert main(["pipeline", "--config", str(outer)]) == 1
+    err = capsys.readouterr().err
+    assert "stage 'nested' failed" in err and "PAVLIT_PIPELINE_STACK" not in os.environ
+    log = (tmp_path / "outer/logs/nested.log").read_text()
+    assert f"stage 'nested' runs the pipeline config {outer} that it is part of" in log
+    assert not (tmp_path / "inner/logs/nested.log").exists()  # refused before running anything
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".hidden", "", "a..b"])
+def test_stage_names_must_be_plain(tmp_path, capsys, name):
+    config = _config(tmp_path, [{"name": name, "command": ["plugins"], "output": str(tmp_path / "done")}])
+    assert main(["pipeline", "--config", str(config)]) == 1
+    assert "must be a plain name" in capsys.readouterr().err
+    assert not any(tmp_path.parent.glob("*.running")) and not (tmp_path / "run/logs").exists()
