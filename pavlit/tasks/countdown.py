@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pavlit.interfaces import SPLITS, Problem, Task
 from pavlit.tasks.answers import extract_answer, normalize_answer
 
-__all__ = ["CheckResult", "CountdownTask", "check", "format_prompt", "format_step", "solutions"]
+__all__ = ["CheckResult", "CountdownTask", "check", "format_prompt", "format_step", "numbers_left", "solutions"]
 
 #: ``difficulty -> (count of numbers, largest number, smallest target, largest target)``.
 DIFFICULTIES = {1: (3, 10, 10, 50), 2: (4, 10, 10, 99), 3: (4, 20, 10, 199), 4: (5, 20, 10, 199)}
@@ -185,6 +185,15 @@ def check(numbers: Sequence[int], target: int, response: str) -> CheckResult:
         if fail:
             return CheckResult(False, index, f"line {index + 1} ({line.strip()!r}): {fail}")
     return CheckResult(False, len(lines), f"line {len(lines) + 1}: no 'Answer:' line")
+
+
+def numbers_left(numbers: Sequence[int], steps: Sequence[str]) -> list[int] | None:
+    """The numbers left after ``steps`` (step lines, no answer line), sorted; ``None`` if a step is invalid."""
+    left = Counter(numbers)
+    for line in steps:
+        if line.strip() and _check_step(line, left):
+            return None
+    return sorted(left.elements())
 
 
 def _check_step(line: str, left: Counter) -> str:
