@@ -29,7 +29,7 @@ from pavlit.labeling.shards import ShardStore
 from pavlit.policy.backends import PavlitBackend, SamplingSettings, VLLMBackend, backend_fingerprint
 from pavlit.policy.loading import load_policy
 from pavlit.policy.sampler import STOP_DELIMITER, STOP_EOS, STOP_LENGTH, STOP_MAX_STEPS, Sampler, VLLMSampler
-from pavlit.policy.sources import TinyPolicy
+from pavlit.policy.sources import Pretrained, TinyPolicy
 from pavlit.tasks.arithmetic import ALPHABET, ArithmeticTask
 
 PROMPTS = ["Compute 3+4.\n", "Compute 12-5.\n", "Compute (2*3)+1.\n"]
@@ -336,7 +336,7 @@ def test_real_vllm_steps_and_completions(tmp_path: Path) -> None:
     tokenizer.save_pretrained(tmp_path / "m")
     backend = VLLMBackend(dtype="float32", gpu_memory_utilization=0.2, enforce_eager=True)
     sampler = backend.build(
-        __import__("pavlit.policy.sources", fromlist=["Pretrained"]).Pretrained(str(tmp_path / "m")),
+        Pretrained(str(tmp_path / "m")),
         SamplingSettings(max_new_tokens=24, max_batch=64),
         "cuda" if torch.cuda.is_available() else "cpu",
     )
