@@ -11,6 +11,16 @@ Errors: input a user can fix (a malformed file, a missing path, a bad setting, a
 ends the command with one line, ``pavlit <command>: error: <what, where, what was expected>``, and exit status 1;
 ``PAVLIT_TRACEBACK=1`` shows the full traceback instead. Other exceptions are bugs and keep their traceback.
 
+Signals: SIGTERM and SIGINT (Ctrl-C) end every command with one line, ``pavlit <command>: interrupted by SIGTERM
+...``, and exit status 128 + the signal's number (143, 130), as a shell reports a process the signal killed. The
+work already committed is kept (label and search shards, a fit's ``resume.ckpt``), nothing half-done is exported,
+and rerunning the same command resumes exactly as after ``kill -9``. A second signal ends the process at once.
+
+Local files only: every command runs with ``HF_HUB_OFFLINE=1`` and ``HF_DATASETS_OFFLINE=1`` unless the
+environment already sets them (``HF_HUB_OFFLINE=0`` lets ``datasets`` fetch a Hub dataset named by ``data.path``),
+so no dataset or model name ever reaches the Hugging Face Hub unasked. Checkpoints (``--ckpt_path``) must be local
+files and load with ``weights_only=True``; their ``hyper_parameters`` never change the model the config describes.
+
 Run folders: unless ``--trainer.default_root_dir`` is given, every Lightning run writes its logs,
 checkpoints and resolved ``config.yaml`` into ``runs/<command>/<timestamp>`` (or ``$PAVLIT_RUN_DIR``),
 never into the working directory, where saving the config could overwrite an input file of that name.
@@ -26,8 +36,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +56,7 @@ from pavlit.interfaces import INTERFACES
 # PavlitCLI, ResumeCheckpoint and RunFolderSaveConfigCallback are built on first access by __getattr__ below.
 __all__ = [  # noqa: F822
     "COMMANDS",
+    "Interrupted",
     "PavlitCLI",
     "ResumeArgs",
     "ResumeCheckpoint",
@@ -62,6 +76,12 @@ RESUME_SETTINGS = "checkpoints/resume.json"
 #: Config keys that do not change what a fit computes (or, for ``seed_everything``, are drawn anew by every run
 #: that sets none), left out of the settings a resumed run must share with the interrupted one.
 RESUME_IGNORED_KEYS = ("config", "ckpt_path", "resume", "seed_everything", "trainer.default_root_dir")
+#: Set for every command unless the environment already sets them: nothing is fetched from the Hugging Face Hub.
+OFFLINE_DEFAULTS = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+#: ``--ckpt_path`` keywords that Lightning resolves to local files itself (``registry`` would download).
+CKPT_KEYWORDS = ("last", "best", "hpc")
+
+log = logging.getLogger(__name__)
 
 #: Exceptions that report input a user can fix; pavlit's own readers and settings raise these with messages that
 #: name the file, line or field and what was expected. ``FloatingPointError`` is :class:`pavlit.callbacks.FiniteGuard`
@@ -75,6 +95,47 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class Interrupted(BaseException):
+    """A SIGTERM or SIGINT arrived while a command ran (raised in the main thread by :func:`main`'s handler).
+
+    A ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` on the way swallows it: the
+    command unwinds as after any error (open files closed, locks released, Lightning's ``on_exception`` hooks),
+    and :func:`main` reports it in one line with exit status ``128 + signum``.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextmanager
+def _signals_end_the_command() -> Iterator[list[int]]:
+    """Turn SIGTERM and SIGINT into :class:`Interrupted` while the block runs (main thread only); yields the list
+    of signals received. A signal the process was started ignoring (``nohup``) stays ignored."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+        raise Interrupted(signum)
+
+    previous = {signum: signal.getsignal(signum) for signum in _SIGNALS}
+    for signum, before in previous.items():
+        if before is not signal.SIG_IGN:
+            signal.signal(signum, handler)
+    try:
+        yield received
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before if before is not None else signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pavlit <command> [options]``.
 
@@ -83,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit status: 1 after one of :data:`USER_ERRORS`, reported on stderr as one line (LightningCLI and
-        argparse exit through ``SystemExit``, status 2, on bad arguments and 0 on ``--help``).
+        argparse exit through ``SystemExit``, status 2, on bad arguments and 0 on ``--help``); 128 + the signal's
+        number after SIGTERM or SIGINT (:class:`Interrupted`).
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
@@ -101,14 +163,100 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         print(f"pavlit: error: unknown command {args[0]!r}{hint}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    for name, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    received: list[int] = []
     try:
-        return command(args[1:]) or 0
-    except USER_ERRORS as err:
-        if os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no"):
+        with _signals_end_the_command() as received:
+            if command is not plugins_command:
+                check_config_files(args[1:])
+            return command(args[1:]) or 0
+    except BaseException as err:
+        signum = err.signum if isinstance(err, Interrupted) else received[0] if received else None
+        if signum is None:
+            if isinstance(err, USER_ERRORS) and not _show_traceback():
+                print(f"pavlit {args[0]}: error: {_error_text(err)}", file=sys.stderr)
+                print(f"(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
+                return 1
             raise
-        print(f"pavlit {args[0]}: error: {_error_text(err)}", file=sys.stderr)
-        print(f"(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
-        return 1
+        if _show_traceback():
+            raise
+        _close_progress_bars()
+        name = signal.Signals(signum).name
+        print(
+            f"pavlit {args[0]}: interrupted by {name}; the work finished so far is kept, and rerunning the same "
+            "command resumes from it",
+            file=sys.stderr,
+        )
+        return 128 + signum
+
+
+def _close_progress_bars() -> None:
+    # Open tqdm bars would redraw themselves after the message when the interpreter collects them.
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        try:
+            bar.close()
+        except Exception:  # a bar whose stream is gone; the message matters more
+            pass
+
+
+def _show_traceback() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _config_paths(argv: Sequence[str]) -> list[str]:
+    paths = []
+    for index, arg in enumerate(argv):
+        if arg == "--config" and index + 1 < len(argv):
+            paths.append(argv[index + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.removeprefix("--config="))
+    return paths
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Check every ``--config`` file on the command line before the command's parser reads it.
+
+    jsonargparse reports a YAML syntax error without the file's name, an empty file as "Unexpected config" and a
+    non-UTF-8 file as a bare ``UnicodeDecodeError``; this names the file (and the line) instead. A ``--config``
+    value that is not an existing file is left to the parser (it may be an inline YAML string).
+
+    Raises:
+        ValueError: A config file that is not UTF-8, not valid YAML, empty, or not a mapping of options.
+    """
+    import yaml
+
+    for value in _config_paths(argv):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            if Path(value).suffix.lower() in (".yaml", ".yml", ".json"):
+                raise FileNotFoundError(2, "--config: no such config file", value)
+            continue
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = data[: err.start].count(b"\n") + 1
+            raise ValueError(
+                f"{value}:{line}: the config file is not UTF-8 text (byte 0x{data[err.start]:02x}); save it as UTF-8"
+            ) from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{value}:{mark.line + 1}:{mark.column + 1}" if mark is not None else value
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            context = getattr(err, "context", None)
+            detail = f"{problem} ({context})" if context else problem
+            raise ValueError(f"{where}: YAML syntax error in the config file: {detail}") from None
+        if loaded is None:
+            raise ValueError(f"{value}: the config file is empty (or holds only comments); expected YAML options")
+        if not isinstance(loaded, dict):
+            raise ValueError(
+                f"{value}: expected a mapping of options (key: value lines) at the top of the config file, got a "
+                f"{type(loaded).__name__}"
+            )
 
 
 def _error_text(err: BaseException) -> str:
@@ -332,6 +480,17 @@ def _restored_env(name: str) -> Iterator[None]:
             os.environ[name] = before
 
 
+def _set_aside(path: Path) -> Path:
+    """Rename a corrupt file to ``<name>.corrupt`` (``.corrupt-1``, ... when taken) in its folder; the new path."""
+    aside = path.with_name(f"{path.name}.corrupt")
+    suffix = 0
+    while aside.exists():
+        suffix += 1
+        aside = path.with_name(f"{path.name}.corrupt-{suffix}")
+    os.replace(path, aside)
+    return aside
+
+
 def __getattr__(name: str) -> Any:
     # PEP 562: the Lightning-based classes are built on first use, so importing this module stays fast.
     classes = _lightning_classes() if name in ("PavlitCLI", "ResumeCheckpoint", "RunFolderSaveConfigCallback") else {}
@@ -344,6 +503,7 @@ def __getattr__(name: str) -> Any:
 def _lightning_classes() -> dict[str, type]:
     from docstring_parser import DocstringStyle
     from jsonargparse import set_parsing_settings
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
     from lightning.pytorch import LightningModule, Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -351,8 +511,10 @@ def _lightning_classes() -> dict[str, type]:
     from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    from pavlit.callbacks import FiniteGuard
+    from pavlit.callbacks import FiniteGuard, LocalCheckpointIO, check_checkpoint, load_checkpoint
 
+    # pavlit reports a SIGTERM in one line itself (see main); Lightning's own "Received SIGTERM" would be a second.
+    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
     # pavlit's docstrings are Google style (STYLE.md); naming the style skips docstring_parser's guessing.
     set_parsing_settings(docstring_parse_style=DocstringStyle.GOOGLE)
 
@@ -400,6 +562,17 @@ def _lightning_classes() -> dict[str, type]:
             )
             self.root = root
             self.settings = settings
+
+        def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+            # Whatever checkpoint I/O the Trainer has: written beside the target, fsynced, then renamed over it.
+            target = Path(filepath)
+            tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+            super()._save_checkpoint(trainer, str(tmp))
+            if trainer.is_global_zero:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            self._last_checkpoint_saved = filepath
 
         def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
             super().setup(trainer, pl_module, stage)
@@ -466,11 +639,45 @@ def _lightning_classes() -> dict[str, type]:
             parser.add_lightning_class_args(FiniteGuard, "finite_guard")
             parser.add_class_arguments(ResumeArgs, "resume")
 
+        def _parse_ckpt_path(self) -> None:
+            """Check ``--ckpt_path`` (a local, weights-only checkpoint) and never merge its ``hyper_parameters``.
+
+            LightningCLI's own version parses the checkpoint's ``hyper_parameters`` over the user's model config,
+            so a file could switch the model's source (and ``trust_remote_code``) or its learning rate. Here the
+            model is what the config and command line say; the checkpoint only provides the state to restore.
+            """
+            subcommand = self.config.get("subcommand")
+            if not subcommand:
+                return
+            config = self.config[subcommand]
+            if config.get("weights_only") is False:
+                raise ValueError(
+                    "--weights_only false is not supported: pavlit loads checkpoints with weights_only=True only "
+                    "(unpickling arbitrary objects could run code)"
+                )
+            ckpt_path = config.get("ckpt_path")
+            if ckpt_path is None or str(ckpt_path) in CKPT_KEYWORDS:
+                return
+            checkpoint = load_checkpoint(ckpt_path, "--ckpt_path", mmap=True)
+            hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k != "_instantiator"}
+            if hparams:
+                log.info("--ckpt_path %s: restoring its state; the model is built from the config, not from the "
+                         "checkpoint's hyper_parameters", ckpt_path)  # fmt: skip
+
+        def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+            kwargs = super()._prepare_subcommand_kwargs(subcommand)
+            if "weights_only" in self._subcommand_method_arguments[subcommand]:
+                kwargs["weights_only"] = True
+            return kwargs
+
         def instantiate_trainer(self, **kwargs: Any) -> Trainer:
             try:
                 trainer = super().instantiate_trainer(**kwargs)
             except MisconfigurationException as err:  # Lightning's check of a trainer.* setting (max_steps: -5)
                 raise ValueError(f"trainer: {err}") from None
+            if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+                # Lightning's default I/O; a checkpoint_io plugin the user chose stays theirs.
+                trainer.strategy.checkpoint_io = LocalCheckpointIO()
             config = self.config_init[self.subcommand] if self.subcommand else self.config_init
             default = config.get("finite_guard")
             guards = [c for c in trainer.callbacks if isinstance(c, FiniteGuard)]
@@ -495,9 +702,18 @@ def _lightning_classes() -> dict[str, type]:
                 return
             root = self.trainer.default_root_dir
             checkpoint = resume_checkpoint_for(root, resume_settings(self.config["fit"]))
-            if checkpoint is not None:
-                rank_zero_info(f"resuming the interrupted run in {root} from {checkpoint}")
-                config.ckpt_path = checkpoint
+            if checkpoint is None:
+                return
+            try:
+                check_checkpoint(checkpoint, "the resume checkpoint")
+            except ValueError as err:
+                if self.trainer.is_global_zero:
+                    aside = _set_aside(Path(checkpoint))
+                    rank_zero_warn(f"{err}; moved it aside to {aside.name} and starting the fit from scratch")
+                self.trainer.strategy.barrier("pavlit resume check")
+                return
+            rank_zero_info(f"resuming the interrupted run in {root} from {checkpoint}")
+            config.ckpt_path = checkpoint
 
         def after_fit(self) -> None:
             resume = self.config_init["fit"].get("resume")

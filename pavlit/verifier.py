@@ -17,7 +17,6 @@ base from the recorded source (a local folder, the seeded tiny model, Gemma 3 27
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import logging
@@ -45,12 +44,14 @@ __all__ = [
     "HEAD_FILE",
     "ConstantBaseline",
     "SoftCalibrationError",
+    "SourceFromFile",
     "as_group",
     "as_model_source",
     "balance_weights",
     "build_head",
     "load_backbone",
     "masked_bce_with_logits",
+    "model_source_classes",
     "read_export",
     "FrozenReference",
     "build_reference",
@@ -134,16 +135,65 @@ def source_to_dict(source: ModelSource) -> dict[str, Any]:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {p: getattr(source, p) for p in params}}
 
 
+class SourceFromFile(dict):
+    """A ``{"class_path", "init_args"}`` model source read from a file (an export's ``pavlit_verifier.json``),
+    remembering which file, so that :func:`as_model_source` can name it."""
+
+    def __init__(self, source: Mapping[str, Any], origin: str) -> None:
+        super().__init__(source)
+        self.origin = origin
+
+
+def model_source_classes() -> dict[str, type[ModelSource]]:
+    """pavlit's own model sources by full and short class path: the only classes a source given as a dict may name."""
+    from pavlit.policy import sources
+
+    found: dict[str, type[ModelSource]] = {}
+    for value in vars(sources).values():
+        if isinstance(value, type) and issubclass(value, ModelSource) and value.__module__ == sources.__name__:
+            if not inspect.isabstract(value):
+                found[f"{value.__module__}.{value.__qualname__}"] = found[value.__qualname__] = value
+    return found
+
+
 def as_model_source(source: ModelSource | Mapping[str, Any]) -> ModelSource:
-    """A model source, or one built from the ``{"class_path", "init_args"}`` dict that :func:`source_to_dict` makes."""
+    """A model source, or one built from the ``{"class_path", "init_args"}`` dict that :func:`source_to_dict` makes.
+
+    A dict is the serialised form a file carries (an exported verifier's ``pavlit_verifier.json``, a checkpoint's
+    ``hyper_parameters``), so it is held to what a file may ask for: its ``class_path`` must be one of pavlit's own
+    sources (:func:`model_source_classes`; nothing else is imported), and it may not turn ``trust_remote_code`` on.
+    A config or code that wants another source, or remote code, passes a ``ModelSource`` object (LightningCLI
+    builds one from a config's ``class_path``).
+
+    Raises:
+        ValueError: the dict names another class, asks for remote code, or has arguments the class does not take.
+        TypeError: ``source`` is neither a ModelSource nor such a dict.
+    """
     if isinstance(source, ModelSource):
         return source
     if isinstance(source, Mapping) and "class_path" in source:
-        module_name, _, name = source["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module_name or "pavlit.policy.sources"), name)
-        if not (isinstance(cls, type) and issubclass(cls, ModelSource)):
-            raise TypeError(f"{source['class_path']} is not a pavlit ModelSource")
-        return cls(**dict(source.get("init_args", {})))
+        origin = getattr(source, "origin", None)
+        where = f"{origin}: " if origin else ""
+        class_path = str(source["class_path"])
+        allowed = model_source_classes()
+        cls = allowed.get(class_path)
+        if cls is None:
+            names = ", ".join(sorted(name for name in allowed if "." not in name))
+            raise ValueError(
+                f"{where}the model source's class_path {class_path!r} is not one of pavlit's model sources "
+                f"({names}); a source read from a file may name only these (pass a ModelSource object for another)"
+            )
+        init_args = dict(source.get("init_args") or {})
+        if init_args.get("trust_remote_code"):
+            raise ValueError(
+                f"{where}the model source asks for trust_remote_code: true ({init_args.get('path')!r}); pavlit never "
+                "takes that from a file. If you trust that folder's code, pass the source yourself, e.g. "
+                "from_pretrained(folder, source=Pretrained(path, trust_remote_code=True))"
+            )
+        try:
+            return cls(**init_args)
+        except TypeError as err:
+            raise ValueError(f"{where}the model source {class_path} cannot be built from {init_args}: {err}") from None
     raise TypeError(f"source must be a ModelSource or a {{class_path, init_args}} dict, got {source!r}")
 
 
@@ -527,11 +577,22 @@ def save_verifier(
 
 def read_export(path: str | Path, kind: str) -> dict[str, Any]:
     """The ``pavlit_verifier.json`` of an exported folder, checked to be a ``kind`` verifier."""
+    if "://" in str(path):
+        raise ValueError(
+            f"verifier {str(path)!r} is a URL; an exported verifier is a local folder (nothing is downloaded)"
+        )
     folder = Path(path).expanduser()
     meta_path = folder / EXPORT_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder} holds no {EXPORT_FILE}; export a verifier with save_pretrained(path)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{meta_path}: not UTF-8 text; is it a pavlit export?") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_path}:{err.lineno}: not valid JSON ({err.msg}); is the export truncated?") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("kind") != kind:
         raise ValueError(f"{folder} holds a {meta.get('kind')!r} verifier, not a {kind!r} one")
     if meta.get("format_version") != EXPORT_VERSION:
@@ -551,7 +612,8 @@ def export_init_args(path: str | Path, meta: Mapping[str, Any]) -> dict[str, Any
         )
         lora["enabled"] = False
     else:
-        source = dict(meta["source"])
+        # What the file says the base model was; as_model_source holds it to what a file may ask for.
+        source = SourceFromFile(meta["source"], str(folder / EXPORT_FILE))
     return {
         "source": source,
         "head_type": meta["head_type"],
@@ -664,7 +726,9 @@ def restore_best_checkpoint(module: Any) -> dict[str, Any] | None:
     path = getattr(callback, "best_model_path", "") if getattr(callback, "monitor", None) else ""
     if not path or is_sharded(module):
         return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    from pavlit.callbacks import load_checkpoint  # weights only, one clear line for a pickled or broken file
+
+    checkpoint = load_checkpoint(path, "the best checkpoint")
     module.load_state_dict(checkpoint["state_dict"])
     score = callback.best_model_score
     return {"checkpoint": str(path), "monitor": callback.monitor, "score": None if score is None else float(score)}

@@ -62,7 +62,11 @@ def load_causal_lm(folder: Path, tokenizer: Any, **kwargs: Any) -> Any:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
+        # Local files only, whatever the caller passed: nothing is downloaded, so no remote code can arrive.
+        local = {key: value for key, value in kwargs.items() if key != "local_files_only"}
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, output_loading_info=True, local_files_only=True, **local
+        )
     except Exception as err:  # safetensors' SafetensorError derives from Exception only
         if "safetensor" not in f"{type(err).__module__}.{type(err).__name__}".lower():
             raise
