@@ -280,3 +280,30 @@ def test_bad_sampling_settings_are_named():
         with pytest.raises(ValueError, match="SamplerArgs.temperature must be finite and >= 0"):
             SamplerArgs(temperature=bad)
     assert SamplerArgs(temperature=0.0).temperature == 0.0  # 0 is documented: greedy
+
+
+@pytest.mark.slow  # two `pavlit label` processes: ~25 s on a loaded machine, mostly imports
+def test_a_second_label_job_into_a_folder_being_written_is_refused(tmp_path):
+    out = tmp_path / "labels"
+    config = _config(tmp_path, out, n_problems=12, chunk_size=1)
+    command = [sys.executable, "-m", "pavlit", "label", "--config", str(config)]
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / ".pavlit.lock").exists():
+            time.sleep(0.02)
+        with pytest.raises(ValueError, match=rf"another pavlit job is writing here \(pid {process.pid}\b"):
+            label(
+                task=SevenTask(n_problems=12),
+                policy=SOURCE,
+                output_dir=str(out),
+                label=LabelArgs(n_cov=1, n_mc=2, max_new_tokens=8),  # other settings: would mix two datasets
+            )
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    # The killed job's lock is stale now: the rerun takes it over and finishes the dataset.
+    finished = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "taking over a stale lock of pid" in finished.stderr
+    assert not (out / ".pavlit.lock").exists() and (out / "metrics.json").exists()
