@@ -199,3 +199,31 @@ def test_same_seed_same_labels_and_another_seed_other_labels(tmp_path):
     first, again, other = records("a", 7), records("b", 7), records("c", 8)
     assert first == again and len(first) > 3
     assert first != other
+
+
+# --- checkpoint files: complete and weights-only, or one line naming them ------------------------------------------
+
+
+def test_check_checkpoint_catches_every_kind_of_damage(tmp_path):
+    from pavlit.callbacks import atomic_save_checkpoint, check_checkpoint, load_checkpoint
+
+    good = tmp_path / "good.ckpt"
+    atomic_save_checkpoint({"state_dict": {"w": torch.arange(4096.0)}, "global_step": 3}, good)
+    check_checkpoint(good)
+    assert torch.equal(load_checkpoint(good)["state_dict"]["w"], torch.arange(4096.0))
+    data = good.read_bytes()
+    damaged = {
+        "truncated": data[: len(data) * 2 // 3],
+        "empty": b"",
+        # bytes flipped inside the tensor data: the zip still opens and torch.load(mmap=True) still succeeds
+        "bit-flipped": data[: len(data) // 2]
+        + bytes(b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 64])
+        + data[len(data) // 2 + 64 :],
+        "text": b"not a checkpoint\n",
+    }
+    for kind, content in damaged.items():
+        path = tmp_path / f"{kind}.ckpt"
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(str(path))) as err:
+            check_checkpoint(path, "the resume checkpoint")
+        assert "\n" not in str(err.value) and str(err.value).startswith("the resume checkpoint"), kind

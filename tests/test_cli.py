@@ -230,3 +230,32 @@ def test_require_broken_install_is_not_reported_as_missing(make_module):
         require(broken, extra="gemma")
     assert "pip install" not in str(excinfo.value)
     assert isinstance(excinfo.value.__cause__, ModuleNotFoundError)
+
+
+# --- config files are checked before any command reads them (issue 19) -------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["fit", "label", "search", "pipeline"])
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"model: [unclosed\n  width: 2\n", r":2:8: YAML syntax error in the config file: expected ',' or ']'"),
+        (b"", ": the config file is empty"),
+        (b"# only a comment\n", ": the config file is empty"),
+        (b"output_dir: caf\xe9\n", r":1: the config file is not UTF-8 text \(byte 0xe9\)"),
+        (b"- a list\n- of things\n", r": expected a mapping of options .* got a list"),
+    ],
+    ids=["yaml-syntax", "empty", "only-comments", "latin-1", "a-list"],
+)
+def test_a_broken_config_file_is_one_line_naming_it(tmp_path, capsys, command, content, expected):
+    config = tmp_path / "broken.yaml"
+    config.write_bytes(content)
+    assert main([command, "--config", str(config)]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[0].startswith(f"pavlit {command}: error: "), lines
+    assert re.search(re.escape(str(config)) + expected, lines[0]), lines[0]
+
+
+def test_a_missing_config_file_names_it(tmp_path, capsys):
+    assert main(["label", "--config", str(tmp_path / "nowhere.yaml")]) == 1
+    assert "--config: no such config file" in capsys.readouterr().err
