@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pavlit.labeling.shards import atomic_write_text
+from pavlit.labeling.shards import atomic_write_text, check_unlocked
 
 
 def parse_job(prog: str, job: Callable[..., Any], argv: list[str], example: str) -> dict[str, Any]:
@@ -44,6 +44,7 @@ def parse_job(prog: str, job: Callable[..., Any], argv: list[str], example: str)
     config_path = out / "config.yaml"
     if config_path.resolve() in inputs:
         config_path = out / "config.resolved.yaml"
+    check_unlocked(out)  # a job writing into `out` keeps its config.yaml (the job itself then refuses to start)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         atomic_write_text(config_path, parser.dump(cfg, skip_none=False, skip_check=True))
     return kwargs

@@ -73,6 +73,7 @@ class Case:
         expect: Substrings the message must contain; ``{tmp}`` is the row's folder.
         how: ``"cli"``, ``"process"`` or ``"library"``.
         raises: For ``library`` rows, the exception type.
+        after: What must hold of the row's folder afterwards (e.g. a running job's files left untouched).
     """
 
     id: str
@@ -80,6 +81,7 @@ class Case:
     expect: tuple[str, ...]
     how: str = "cli"
     raises: type[BaseException] | None = None
+    after: Callable[[Path], bool] | None = None
 
 
 # --- inputs ------------------------------------------------------------------------------------------------------
@@ -235,6 +237,7 @@ def locked_output_dir(ctx: Ctx) -> list[str]:
 
     holder = {"pid": os.getppid(), "host": socket.gethostname(), "command": "pavlit label"}  # a live process
     ctx.write(f"labels/{LOCK_FILE}", json.dumps(holder))
+    ctx.write("labels/config.yaml", "the running job's config\n")  # which the refused job must not overwrite
     return label_argv(ctx)
 
 
@@ -584,10 +587,12 @@ CASES = [
          lambda c: fit_argv(c, not_utf8(c, "l.jsonl", good_labels(), b'{"problem_id": "\xff"}')),
          ("{tmp}/l.jsonl:13: not UTF-8 text (byte 0xff",)),
     Case("fit-rft-rollouts-not-utf8", rollouts_not_utf8, ("{tmp}/rollouts.jsonl:2: not UTF-8 text (byte 0xfe",)),
-    Case("label-disk-full", disk_full, ("No space left on device", "{tmp}/labels/")),
+    Case("label-disk-full", disk_full, ("No space left on device", "{tmp}/labels/"),
+         after=lambda tmp: not list((tmp / "labels").glob(".*.tmp"))),
     # --- issue 19: resumable work ---------------------------------------------------------------------------------
     Case("label-output-dir-locked-by-a-running-job", locked_output_dir,
-         ("{tmp}/labels: another pavlit job is writing here (pid", "{tmp}/labels/.pavlit.lock")),
+         ("{tmp}/labels: another pavlit job is writing here (pid", "{tmp}/labels/.pavlit.lock"),
+         after=lambda tmp: (tmp / "labels/config.yaml").read_text() == "the running job's config\n"),
     Case("fit-pav-conflicting-duplicate-labels", conflicting_duplicate_labels,
          ("{tmp}/l.jsonl:13: the same rollout's prefix 1 appears earlier with other labels ({tmp}/l.jsonl:5: 3/4",
           "here 1/4", "two label jobs mixed?")),
@@ -660,6 +665,8 @@ def test_bad_input_fails_with_a_clear_message(case, tmp_path, monkeypatch, capsy
         assert "Traceback" not in message, message[-3000:]
     for part in case.expect:
         assert part.format(tmp=tmp_path) in message, f"{part!r} not in:\n{message[-3000:]}"
+    if case.after is not None:
+        assert case.after(tmp_path), f"{case.id}: the folder is not as it must be afterwards"
 
 
 def _log_to_the_current_stderr(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -244,3 +244,17 @@ def test_ranks_launched_by_the_job_write_under_its_lock(tmp_path, monkeypatch):
         with output_lock(tmp_path):  # a launched rank does not take (or fight over) the lock
             pass
         assert (tmp_path / LOCK_FILE).exists()
+
+
+def test_check_unlocked_refuses_a_live_holder_and_passes_a_stale_one(tmp_path):
+    from pavlit.labeling.shards import check_unlocked
+
+    check_unlocked(tmp_path)  # no lock
+    host = shards_module.socket.gethostname()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": host}))
+    with pytest.raises(ValueError, match=rf"another pavlit job is writing here \(pid {os.getppid()}"):
+        check_unlocked(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": host}))
+    check_unlocked(tmp_path)

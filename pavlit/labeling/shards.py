@@ -283,7 +283,7 @@ def output_lock(folder: str | Path, command: str = "pavlit") -> Iterator[Path]:
     """
     root = Path(folder)
     lock = root / LOCK_FILE
-    if int(os.environ.get("LOCAL_RANK", "0") or 0) != 0 or int(os.environ.get("NODE_RANK", "0") or 0) != 0:
+    if _launched_rank():
         yield lock
         return
     root.mkdir(parents=True, exist_ok=True)
@@ -294,20 +294,14 @@ def output_lock(folder: str | Path, command: str = "pavlit") -> Iterator[Path]:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _lock_holder(lock)
-            pid, their_host = holder.get("pid"), holder.get("host")
-            if pid == os.getpid() and their_host == host:
+            if holder.get("pid") == os.getpid() and holder.get("host") == host:
                 raise ValueError(f"{root}: this process already runs a job writing here ({lock})") from None
-            if (their_host == host and isinstance(pid, int) and not _pid_alive(pid)) or (
-                not holder and _age(lock) > 10.0  # a writer killed between creating the lock and filling it
-            ):
+            if _is_stale(lock, holder):
+                pid = holder.get("pid")
                 log.warning("%s: taking over a stale lock of pid %s, which is no longer running", lock, pid)
                 lock.unlink(missing_ok=True)
                 continue
-            where = f"pid {pid}" + (f" on {their_host}" if their_host and their_host != host else "")
-            raise ValueError(
-                f"{root}: another pavlit job is writing here ({where}, lock {lock}); wait for it to finish, or use "
-                "another output folder (delete the lock only if no such job is running)"
-            ) from None
+            raise _locked_error(root, lock, holder) from None
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(mine)
         break
@@ -318,6 +312,41 @@ def output_lock(folder: str | Path, command: str = "pavlit") -> Iterator[Path]:
     finally:
         if _lock_holder(lock).get("pid") == os.getpid():
             lock.unlink(missing_ok=True)
+
+
+def check_unlocked(folder: str | Path) -> None:
+    """Raise the :func:`output_lock` error when another live job holds ``folder``'s lock (a stale lock passes).
+
+    For what a job writes before it takes the lock (its resolved ``config.yaml``).
+    """
+    root = Path(folder)
+    lock = root / LOCK_FILE
+    if _launched_rank() or not lock.exists():
+        return
+    holder = _lock_holder(lock)
+    if not _is_stale(lock, holder) and holder.get("pid") != os.getpid():
+        raise _locked_error(root, lock, holder)
+
+
+def _launched_rank() -> bool:
+    """A process launched by a job's first process (it writes under that process's lock)."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) != 0 or int(os.environ.get("NODE_RANK", "0") or 0) != 0
+
+
+def _is_stale(lock: Path, holder: dict[str, Any]) -> bool:
+    pid, host = holder.get("pid"), holder.get("host")
+    if not holder:
+        return _age(lock) > 10.0  # a writer killed between creating the lock and filling it
+    return host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid)
+
+
+def _locked_error(root: Path, lock: Path, holder: dict[str, Any]) -> ValueError:
+    pid, host = holder.get("pid"), holder.get("host")
+    where = f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
+    return ValueError(
+        f"{root}: another pavlit job is writing here ({where}, lock {lock}); wait for it to finish, or use another "
+        "output folder (delete the lock only if no such job is running)"
+    )
 
 
 def _lock_holder(lock: Path) -> dict[str, Any]:
