@@ -33,7 +33,7 @@ policy learns several ways to start, not one canonical order.
 ========== ======= ========= ========== ====================
 difficulty numbers each in   target in  steps (with Answer:)
 ========== ======= ========= ========== ====================
-1          3       1..10     10..50     3
+1          3       1..15     5..50      3
 2          4       1..10     10..99     4
 3          4       1..20     10..199    4
 4          5       1..20     10..199    5
@@ -54,7 +54,7 @@ from pavlit.tasks.answers import extract_answer, normalize_answer
 __all__ = ["CheckResult", "CountdownTask", "check", "format_prompt", "format_step", "numbers_left", "solutions"]
 
 #: ``difficulty -> (count of numbers, largest number, smallest target, largest target)``.
-DIFFICULTIES = {1: (3, 10, 10, 50), 2: (4, 10, 10, 99), 3: (4, 20, 10, 199), 4: (5, 20, 10, 199)}
+DIFFICULTIES = {1: (3, 15, 5, 50), 2: (4, 10, 10, 99), 3: (4, 20, 10, 199), 4: (5, 20, 10, 199)}
 _PROMPT_TEMPLATE = "Make {target} from {numbers}.\n"
 _ANSWER_TEMPLATE = "Answer: {answer}\n"
 _ANSWER_LINE = re.compile(r"^\s*Answer:")
