@@ -131,11 +131,14 @@ def check_prompts(problems: Iterable[Any], model: Any, tokenizer: Any, max_new_t
             what = "the policy's context (max_position_embeddings)" if limit else "pavlit's cap for a model without one"
             raise ValueError(f"max_new_tokens must be at most {cap}, {what}; got {max_new_tokens}")
     unk = getattr(tokenizer, "unk_token_id", None)
+    # Byte-level tokenizers (GPT-2 style) reuse their eos as "unk" and never produce it from text.
+    if unk in {getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}:
+        unk = None
     for problem in problems:
         ids = tokenizer(problem.prompt)["input_ids"]
         source = (getattr(problem, "metadata", None) or {}).get("source")
         where = f"problem {problem.id!r}" + (f" (from {source})" if source else "")
-        if unk is not None and unk in ids:
+        if unk is not None and unk in ids and unk in tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]:
             missing = _unknown_characters(problem.prompt, tokenizer, unk)
             raise ValueError(
                 f"{where}: its prompt has characters the policy's tokenizer does not know ({missing}), which would "
