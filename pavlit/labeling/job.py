@@ -9,6 +9,8 @@ Output folder::
 
     job.json             settings fingerprint (resuming with other settings is refused)
     chunk-000000.jsonl   step labels, one record per (seed rollout, prefix) — pavlit.labeling.records
+    chunk-000000.meta.json  the shard's integrity record (fingerprint, count, SHA-256); a mismatch is redone
+    .pavlit.lock         while the job runs: a second job into this folder is refused
     rollouts/            the seed rollouts: {problem_id, prompt, response, correct} (RFT data, ORM data)
     trl_prm.jsonl        the labels in TRL's PRM schema {prompt, completions, labels}, in chunk order
     metrics.json         counts, accuracy of the seeds, label statistics, throughput

@@ -13,6 +13,7 @@ is never used to choose anything.
 Output folder::
 
     job.json, chunk-*.jsonl   per-problem records of the test split (one per method × budget × problem)
+    chunk-*.meta.json         each shard's integrity record (a shard that fails it is redone on resume)
     sweep/                    the α sweep's records (validation split)
     results.json              settings, every (line, budget) point, the compute-efficiency ratio, the sweep
     report.md                 the accuracy-vs-compute table, efficiency ratio, α sweep
