@@ -255,6 +255,32 @@ def rollouts_not_utf8(ctx: Ctx) -> list[str]:
     return argv
 
 
+def label_folder(ctx: Ctx) -> Path:
+    """A `pavlit label` output folder (two committed shards with their integrity records)."""
+    from pavlit.labeling.shards import ShardStore
+
+    store = ShardStore(ctx.tmp / "labels", {"seed": 0})
+    labels = good_labels()
+    store.commit(0, labels[:6])
+    store.commit(1, labels[6:])
+    return store.root
+
+
+def label_folder_with_a_broken_shard(ctx: Ctx) -> list[str]:
+    folder = label_folder(ctx)
+    shard = folder / "chunk-000001.jsonl"
+    shard.write_bytes(shard.read_bytes()[:-40])  # a copy cut short, after the job had finished
+    return fit_argv(ctx, str(folder))
+
+
+def label_folder_being_written(ctx: Ctx) -> list[str]:
+    from pavlit.labeling.shards import LOCK_FILE
+
+    folder = label_folder(ctx)
+    (folder / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    return fit_argv(ctx, str(folder))
+
+
 def conflicting_duplicate_labels(ctx: Ctx) -> list[str]:
     # good_labels() holds this rollout's prefix 1 (line 5) as 3/4 correct; another job labelled it 1/4.
     return fit_argv(ctx, ctx.jsonl("l.jsonl", [*good_labels(), step_label("p1", ("ok\n",), n_correct=1)]))
@@ -593,6 +619,11 @@ CASES = [
     Case("label-output-dir-locked-by-a-running-job", locked_output_dir,
          ("{tmp}/labels: another pavlit job is writing here (pid", "{tmp}/labels/.pavlit.lock"),
          after=lambda tmp: (tmp / "labels/config.yaml").read_text() == "the running job's config\n"),
+    Case("fit-pav-labels-shard-fails-its-integrity-record", label_folder_with_a_broken_shard,
+         ("{tmp}/labels/chunk-000001.jsonl: not trusted: its content does not match its integrity record",
+          "rerun the job that wrote {tmp}/labels")),
+    Case("fit-pav-labels-folder-still-being-written", label_folder_being_written,
+         ("{tmp}/labels: another pavlit job is writing here (pid",)),
     Case("fit-pav-conflicting-duplicate-labels", conflicting_duplicate_labels,
          ("{tmp}/l.jsonl:13: the same rollout's prefix 1 appears earlier with other labels ({tmp}/l.jsonl:5: 3/4",
           "here 1/4", "two label jobs mixed?")),

@@ -258,3 +258,18 @@ def test_check_unlocked_refuses_a_live_holder_and_passes_a_stale_one(tmp_path):
     dead.wait()
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": host}))
     check_unlocked(tmp_path)
+
+
+def test_a_reader_trusts_a_checked_folder_refuses_a_broken_shard_and_reads_a_legacy_one(tmp_path):
+    from pavlit.labeling.shards import check_job_folder
+
+    store = ShardStore(tmp_path / "job", {"n_mc": 4})
+    store.commit(0, [_label("p0")])
+    store.commit(1, [_label("p1")])
+    check_job_folder(store.root)
+    _break_zero_bytes(store, 1)
+    with pytest.raises(ValueError, match=r"chunk-000001\.jsonl: not trusted: its content does not match"):
+        check_job_folder(store.root)
+    for meta in store.root.glob("chunk-*.meta.json"):  # as an older pavlit wrote it: no integrity records at all
+        meta.unlink()
+    check_job_folder(store.root)

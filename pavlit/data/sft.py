@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from pavlit.interfaces import Problem, Task
 from pavlit.labeling.records import text_lines
+from pavlit.labeling.shards import check_job_folder
 from pavlit.modules.checks import check_validation_data
 
 __all__ = [
@@ -115,6 +116,7 @@ def read_rollouts(path: str | Path) -> list[Rollout]:
     """
     path = Path(path)
     if path.is_dir():
+        check_job_folder(path)  # pavlit label's rollouts/ still being written, or a shard failing its record
         files = sorted(path.glob("*.jsonl"))
         if not files:
             raise ValueError(f"{path}: a rollouts folder needs *.jsonl files (as pavlit label's <output_dir>/rollouts)")

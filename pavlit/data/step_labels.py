@@ -45,7 +45,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pavlit.labeling.records import text_lines, validate_record
-from pavlit.labeling.shards import SHARD_GLOB
+from pavlit.labeling.shards import SHARD_GLOB, check_job_folder
 from pavlit.modules.checks import check_validation_data
 from pavlit.steps import StepTokens, pad_step_batch, step_end_token_indices
 from pavlit.verifier import balance_weights
@@ -72,6 +72,7 @@ OnBadRecord = Literal["error", "skip"]
 
 
 def _data_files(folder: Path) -> list[Path]:
+    check_job_folder(folder)  # a label folder still being written, or a shard failing its integrity record
     shards = sorted(folder.glob(SHARD_GLOB))
     return shards or sorted(folder.glob("*.jsonl")) + sorted(folder.glob("*.parquet"))
 

@@ -173,29 +173,7 @@ class ShardStore:
 
     def check(self, chunk: int) -> str | None:
         """Why the shard of ``chunk`` cannot be trusted, or ``None`` when it passes (see the module docstring)."""
-        path, meta_path = self.shard_path(chunk), self.meta_path(chunk)
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            return f"unreadable ({err.strerror or err})"
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return f"it has no integrity record {meta_path.name} (an interrupted commit, or an older pavlit wrote it)"
-        except (OSError, ValueError) as err:
-            return f"its integrity record {meta_path.name} is unreadable ({err})"
-        if not isinstance(meta, dict):
-            return f"its integrity record {meta_path.name} is not a JSON object"
-        if meta.get("fingerprint") != self.fingerprint:
-            return f"it was written by a job with other settings (fingerprint {meta.get('fingerprint')!r})"
-        if meta.get("chunk") != chunk:
-            return f"its integrity record is for chunk {meta.get('chunk')!r}"
-        if meta.get("bytes") != len(data) or meta.get("sha256") != hashlib.sha256(data).hexdigest():
-            return f"its content does not match its integrity record ({len(data)} bytes, {meta.get('bytes')} recorded)"
-        n_records = sum(1 for line in data.splitlines() if line.strip())
-        if meta.get("records") != n_records:
-            return f"it holds {n_records} records, {meta.get('records')} recorded"
-        return None
+        return check_shard(self.shard_path(chunk), self.fingerprint, chunk)
 
     def _reject(self, chunk: int, problem: str) -> None:
         path = self.shard_path(chunk)
@@ -251,6 +229,72 @@ class ShardStore:
         for chunk in self._committed():
             if self.is_done(chunk):
                 yield _read_shard(self.shard_path(chunk))
+
+
+def check_shard(path: Path, fingerprint: str | None, chunk: int | None = None) -> str | None:
+    """Why the shard at ``path`` cannot be trusted, or ``None`` when it matches its integrity record.
+
+    Args:
+        path: A ``chunk-*.jsonl`` shard.
+        fingerprint: The job's fingerprint the record must carry (``None``: any).
+        chunk: The chunk number the record must carry (``None``: the one in the file name).
+    """
+    meta_path = path.with_name(path.name.removesuffix(".jsonl") + META_SUFFIX)
+    if chunk is None:
+        number = path.stem.split("-", 1)[-1]
+        chunk = int(number) if number.isdigit() else None
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"it has no integrity record {meta_path.name} (an interrupted commit, or an older pavlit wrote it)"
+    except (OSError, ValueError) as err:
+        return f"its integrity record {meta_path.name} is unreadable ({err})"
+    if not isinstance(meta, dict):
+        return f"its integrity record {meta_path.name} is not a JSON object"
+    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+        return f"it was written by a job with other settings (fingerprint {meta.get('fingerprint')!r})"
+    if meta.get("chunk") != chunk:
+        return f"its integrity record is for chunk {meta.get('chunk')!r}"
+    if meta.get("bytes") != len(data) or meta.get("sha256") != hashlib.sha256(data).hexdigest():
+        return f"its content does not match its integrity record ({len(data)} bytes, {meta.get('bytes')} recorded)"
+    n_records = sum(1 for line in data.splitlines() if line.strip())
+    if meta.get("records") != n_records:
+        return f"it holds {n_records} records, {meta.get('records')} recorded"
+    return None
+
+
+def check_job_folder(folder: str | Path) -> None:
+    """For a reader of a finished job's folder (``pavlit fit`` on ``pavlit label`` output): refuse what it can't trust.
+
+    A folder another live job is still writing (its lock) and a shard that fails its integrity record are refused,
+    naming them. A folder without any integrity record (written by a pavlit before they existed) is read as is.
+
+    Raises:
+        ValueError: Naming the folder or shard, and what to do.
+    """
+    root = Path(folder)
+    shards = sorted(root.glob(SHARD_GLOB))
+    if not shards:
+        return
+    check_unlocked(root)
+    if not any(root.glob(f"chunk-*{META_SUFFIX}")):
+        return  # written before integrity records existed
+    fingerprint = None
+    try:
+        fingerprint = json.loads((root / FINGERPRINT_FILE).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        pass
+    for path in shards:
+        problem = check_shard(path, fingerprint)
+        if problem is not None:
+            raise ValueError(
+                f"{path}: not trusted: {problem}; rerun the job that wrote {root} (it redoes such shards), or delete "
+                "the shard and its .meta.json to leave its chunk out"
+            )
 
 
 def _read_shard(path: Path) -> Iterator[dict[str, Any]]:
