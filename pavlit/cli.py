@@ -260,11 +260,31 @@ def check_config_files(argv: Sequence[str]) -> None:
 
 
 def _error_text(err: BaseException) -> str:
-    text = str(err).strip()
+    text = _unwrap_union_error(str(err).strip())
     if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
         text = f"{text}: {err.filename}"
     # A bare message from a library (e.g. "math domain error") says little without its type.
     return text if text and isinstance(err, (OSError, registry.PluginError)) else f"{type(err).__name__}: {text}"
+
+
+_UNION_ERROR = "Does not validate against any of the Union subtypes"
+
+
+def _unwrap_union_error(text: str) -> str:
+    """The error a class raised while jsonargparse built it, out of its report on every Union subtype it tried.
+
+    A LightningModule's ``__init__`` that refuses a setting (``TinyPolicy.n_head must be a positive integer``)
+    reaches the user wrapped in ``Does not validate against any of the Union subtypes`` plus the subtypes, the
+    ``NoneType`` alternative and the whole namespace; the class's own message is the line that says what is wrong.
+    """
+    if not text.startswith(_UNION_ERROR):
+        return text
+    reasons = [
+        line.strip()[2:]
+        for line in text.splitlines()
+        if line.startswith("  - ") and not line.strip().startswith("- Expected a <class 'NoneType'>")
+    ]
+    return "; ".join(reasons) if reasons else text
 
 
 def plugins_command(argv: list[str]) -> int:
