@@ -3,16 +3,21 @@
 The sampler's workload is ``G`` prompts x ``n`` samples each, one token per step. Through the Hugging Face
 forward, every step pays the model's Python layers (decorators, kwargs plumbing, mask construction) and an
 attention over a KV cache in which each prompt's keys were copied ``n`` times. :class:`GroupedDecoder` does the
-same arithmetic more directly:
+same arithmetic in about twenty tensor operations per layer:
 
-* the prompt KV (computed once by the HF prefill) stays **one copy per prompt**; a step attends to it with one
-  matrix product per prompt and head for all of that prompt's samples (a real GEMM instead of ``n`` GEMVs), and
-  to each sample's own generated tokens separately; the two score blocks share one softmax, so the result is
-  exactly attention over ``prefix + suffix``;
-* the decoder layers are called as plain tensor code on the model's own parameters (no copies): RMSNorm,
-  rotary embedding (the model's own module, so every RoPE scaling type is honoured), projections, SwiGLU MLP;
-* keys are stored transposed (``[.., head_dim, tokens]``) so the per-sample score product reads them
-  contiguously.
+* rows live in a **slot layout** ``[G, S]`` (prompt, sample slot): every prompt has ``S`` slots, the most samples
+  any prompt still has, so the layers run on one ``[G*S, hidden]`` matrix and attention needs no gather or
+  scatter; a prompt with fewer live samples leaves *holes* (slots computed and ignored) until the next
+  compaction;
+* the prompt KV (computed once by the HF prefill) stays **one copy per prompt**: one batched GEMM per layer
+  scores all ``S`` samples of every prompt against it (with ``baddbmm`` adding the left-padding mask), and one
+  batched product scores each sample's own generated tokens; both score blocks share one softmax, so the result
+  is exactly attention over ``prefix + suffix``;
+* q, k and v come from one fused projection and gate and up from another (:class:`DecodeWeights`, built once per
+  weight version); the attention scale is folded into the query weights when that is exact or the model is
+  float32; residual adds ride in ``addmm``; RoPE is one roll and two products with a sign-folded sine table,
+  indexed once per prompt, not per sample;
+* logits are computed only for real rows (holes are dropped before the output layer).
 
 Projections that are not plain ``nn.Linear`` (LoRA, 4-bit) are called as modules, so adapters apply. Models it
 does not recognise use the sampler's Hugging Face path; :func:`supports_fast_decode` says which.
@@ -20,6 +25,7 @@ does not recognise use the sampler's Hugging Face path; :func:`supports_fast_dec
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -52,6 +58,13 @@ def supports_fast_decode(model: nn.Module) -> bool:
     )
 
 
+def _plain(*modules: nn.Module) -> bool:
+    """All plain ``nn.Linear`` of one dtype, with biases on all or none (so they can be concatenated)."""
+    if not all(type(m) is nn.Linear for m in modules):
+        return False
+    return len({m.weight.dtype for m in modules}) == 1 and len({m.bias is None for m in modules}) == 1
+
+
 def _projection(module: nn.Module) -> Any:
     """A callable equal to ``module`` that skips ``nn.Module.__call__`` for plain linear layers."""
     if type(module) is nn.Linear:
@@ -60,172 +73,267 @@ def _projection(module: nn.Module) -> Any:
     return module
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _fused(modules: tuple[nn.Module, ...], scales: tuple[float, ...]) -> Any:
+    """One linear map computing ``cat([scale * m(x) for m in modules], -1)`` (plain linears) or ``None``."""
+    if not _plain(*modules):
+        return None
+    weight = torch.cat([m.weight.detach() * s if s != 1.0 else m.weight.detach() for m, s in zip(modules, scales)])
+    bias = None
+    if modules[0].bias is not None:
+        bias = torch.cat([m.bias.detach() * s if s != 1.0 else m.bias.detach() for m, s in zip(modules, scales)])
+    return lambda x: F.linear(x, weight, bias)
+
+
+def _residual(module: nn.Module) -> Any:
+    """``f(residual, x) = residual + module(x)``, in one ``addmm`` for a bias-free plain linear."""
+    if type(module) is nn.Linear and module.bias is None:
+        weight_t = module.weight.t()
+        return lambda residual, x: torch.addmm(residual, x, weight_t)
+    return lambda residual, x: residual + module(x)
+
+
+def _norm(module: nn.Module) -> Any:
+    """The layer's RMSNorm; ``F.rms_norm`` (one kernel, same arithmetic) for float32 ``LlamaRMSNorm``."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if type(module).__name__ == "LlamaRMSNorm" and weight is not None and eps is not None:
+        if weight.dtype == torch.float32:
+            shape = (weight.shape[0],)
+            return lambda x: F.rms_norm(x, shape, weight, eps)
+    return module
+
+
+def _activation(act: nn.Module) -> Any:
+    return F.silu if type(act).__name__ in ("SiLU", "SiLUActivation") else act
 
 
 class _Layer:
     """One decoder layer's callables and shapes."""
 
     def __init__(self, layer: nn.Module, heads: int, kv_heads: int) -> None:
-        attention = layer.self_attn
-        self.input_norm = layer.input_layernorm
-        self.post_norm = layer.post_attention_layernorm
-        self.q, self.k, self.v, self.o = (
-            _projection(attention.q_proj),
-            _projection(attention.k_proj),
-            _projection(attention.v_proj),
-            _projection(attention.o_proj),
-        )
-        self.gate, self.up, self.down = (
-            _projection(layer.mlp.gate_proj),
-            _projection(layer.mlp.up_proj),
-            _projection(layer.mlp.down_proj),
-        )
-        self.act = layer.mlp.act_fn
+        attention, mlp = layer.self_attn, layer.mlp
         self.head_dim = attention.head_dim
-        self.scaling = attention.scaling
         self.heads, self.kv_heads = heads, kv_heads
+        self.input_norm = _norm(layer.input_layernorm)
+        self.post_norm = _norm(layer.post_attention_layernorm)
+        scaling = float(attention.scaling)
+        dtype = attention.q_proj.weight.dtype if hasattr(attention.q_proj, "weight") else None
+        # Folding the scale into W_q is exact for a power of two; in float32 it moves results by an ulp or so.
+        exact = math.frexp(scaling)[0] == 0.5
+        fold = exact or dtype == torch.float32
+        self.qkv = _fused((attention.q_proj, attention.k_proj, attention.v_proj), (scaling if fold else 1.0, 1.0, 1.0))
+        self.q_scale = 1.0 if self.qkv is not None and fold else scaling
+        if self.qkv is None:
+            q, k, v = (_projection(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj))
+            self.qkv = lambda x: torch.cat((q(x), k(x), v(x)), dim=-1)
+        self.o = _residual(attention.o_proj)
+        self.gate_up = _fused((mlp.gate_proj, mlp.up_proj), (1.0, 1.0))
+        if self.gate_up is None:
+            gate, up = _projection(mlp.gate_proj), _projection(mlp.up_proj)
+            self.gate_up = lambda x: torch.cat((gate(x), up(x)), dim=-1)
+        self.intermediate = mlp.gate_proj.out_features
+        self.act = _activation(mlp.act_fn)
+        self.down = _residual(mlp.down_proj)
+
+
+class DecodeWeights:
+    """The decoder's view of a model: fused projections and plain callables, rebuilt when a weight changes.
+
+    Built once per :class:`~pavlit.policy.sampler.Sampler` and reused by every batch; :meth:`current` rebuilds
+    the fused copies when any parameter was replaced or updated in place (an RL step), detected through the
+    parameters' identities and version counters.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._key: tuple | None = None
+        self._build()
+
+    def _fingerprint(self) -> tuple:
+        return tuple((id(p), p._version) for p in self.model.parameters())
+
+    def _build(self) -> None:
+        inner = _base_model(self.model)
+        backbone, config = inner.model, inner.config
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        with torch.no_grad():
+            self.layers = [_Layer(layer, heads, kv_heads) for layer in backbone.layers]
+        embed = backbone.embed_tokens
+        self.embed = (lambda ids: F.embedding(ids, embed.weight)) if type(embed) is nn.Embedding else embed
+        self.rotary = backbone.rotary_emb
+        self.final_norm = _norm(backbone.norm)
+        self.lm_head = _projection(inner.lm_head)
+        self.heads, self.kv_heads = heads, kv_heads
+        self._key = self._fingerprint()
+
+    def current(self) -> DecodeWeights:
+        """Itself, rebuilt first if the model's weights changed since the last build."""
+        if self._fingerprint() != self._key:
+            self._build()
+        return self
 
 
 class GroupedDecoder:
-    """Decode ``rows`` samples of ``G`` prefilled prompts, one token per :meth:`step`.
+    """Decode the samples of ``G`` prefilled prompts, one token per :meth:`step`.
+
+    Rows (the samples, prompt by prompt, as the sampler orders them) sit in ``S`` slots per prompt; ``step``
+    takes and returns real rows only.
 
     Args:
-        model: The Llama-architecture causal LM the prefill ran on (peft-wrapped or not).
+        weights: The model's :class:`DecodeWeights`.
         prefix_keys: Per layer, the prefill's keys ``[G, kv_heads, width, head_dim]`` (rotary applied).
         prefix_values: Per layer, the prefill's values, same shape.
         prefix_mask: ``[G, width]``, 1 for real prompt tokens, 0 for left padding; ``None`` when nothing is padded.
-        counts: ``[G]`` samples per prompt; rows are ordered prompt by prompt.
+        counts: ``[G]`` samples per prompt.
         capacity: Most tokens any row will generate.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        weights: DecodeWeights,
         prefix_keys: list[torch.Tensor],
         prefix_values: list[torch.Tensor],
         prefix_mask: torch.Tensor | None,
         counts: torch.Tensor,
         capacity: int,
     ) -> None:
-        inner = _base_model(model)
-        backbone = inner.model
-        config = inner.config
-        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.embed = backbone.embed_tokens
-        self.rotary = backbone.rotary_emb
-        self.final_norm = backbone.norm
-        self.lm_head = _projection(inner.lm_head)
-        self.layers = [_Layer(layer, heads, kv_heads) for layer in backbone.layers]
-        self.rep = heads // kv_heads
-
+        self.w = weights
         first = prefix_keys[0]
-        groups, _, width, head_dim = first.shape
+        groups, kv, width, head_dim = first.shape
+        self.kv, self.rep, self.head_dim = kv, weights.heads // kv, head_dim
+        self.width, self.capacity = width, capacity
         self.dtype, self.device = first.dtype, first.device
-        # Prefix keys transposed once: [G, kv, d, width].
-        self.prefix_keys_t = [keys.transpose(-1, -2).contiguous() for keys in prefix_keys]
-        self.prefix_values = [values.contiguous() for values in prefix_values]
-        bias = torch.zeros((groups, width), dtype=torch.float32, device=self.device)
+        # [G*kv, d, W] keys (transposed once) and [G*kv, W, d] values for the batched prefix products.
+        self.prefix_keys_t = [keys.transpose(-1, -2).reshape(groups * kv, head_dim, width) for keys in prefix_keys]
+        self.prefix_values = [values.reshape(groups * kv, width, head_dim) for values in prefix_values]
+        self.prefix_bias = None  # [G, 1, W] additive padding mask, float32
         if prefix_mask is not None:
-            bias = bias.masked_fill(prefix_mask[:, :width] == 0, float("-inf"))
-        self.prefix_bias = bias[:, None, None, :]  # [G, 1, 1, width]: broadcast over kv heads and query rows
+            real = prefix_mask[:, :width] != 0
+            self.prefix_bias = torch.zeros(real.shape, device=self.device).masked_fill(~real, float("-inf"))[:, None]
+            lengths = real.sum(-1)
+        else:
+            lengths = torch.full((groups,), width, device=self.device)
+        self.base = lengths.to(device=self.device, dtype=torch.long)  # position of each prompt's first new token
 
-        # Static RoPE types give the same cos/sin for a position whatever else is in the batch: tabulate them once
-        # for every position this decode can reach; others (dynamic, longrope) are recomputed per step like HF does.
+        # Static RoPE types give cos/sin as a function of the position: tabulate [cos, sign-folded sin] once.
         self.rope_table = None
-        if getattr(self.rotary, "rope_type", "default") in STATIC_ROPE_TYPES:
+        if getattr(weights.rotary, "rope_type", "default") in STATIC_ROPE_TYPES:
             reach = width + capacity + 1
-            probe = first.new_zeros((1, reach, 1))
-            cos, sin = self.rotary(probe, torch.arange(reach, device=self.device)[None])
-            self.rope_table = (cos[0], sin[0])  # [reach, head_dim]
+            cos, sin = weights.rotary(first.new_zeros((1, reach, 1)), torch.arange(reach, device=self.device)[None])
+            self.rope_table = torch.stack((cos[0], self._fold_sign(sin[0])), dim=1)  # [reach, 2, d]
 
-        rows = int(counts.sum())
-        self.suffix_keys_t = [first.new_empty((rows, kv_heads, head_dim, capacity)) for _ in self.layers]
-        self.suffix_values = [first.new_empty((rows, kv_heads, capacity, head_dim)) for _ in self.layers]
+        counts = counts.to(self.device)
+        slots = int(counts.max())
+        row_group = torch.repeat_interleave(torch.arange(groups, device=self.device), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(row_group.shape[0], device=self.device) - starts[row_group]
+        self._set_layout(groups, slots, row_group, row_group * slots + rank)
+        shape = (groups, kv, slots, capacity, head_dim)  # group-major, like the prefix products' rows
+        self.suffix_keys = [first.new_empty(shape) for _ in weights.layers]
+        self.suffix_values = [first.new_empty(shape) for _ in weights.layers]
         self.length = 0
-        self._set_groups(torch.repeat_interleave(torch.arange(groups, device=self.device), counts.to(self.device)))
 
-    def _set_groups(self, group: torch.Tensor) -> None:
-        """Row -> group index (nondecreasing), and the padded (group, slot) layout used by the prefix GEMMs."""
-        _, inverse, sizes = torch.unique_consecutive(group, return_inverse=True, return_counts=True)
-        starts = torch.cumsum(sizes, 0) - sizes
-        self.group = inverse
-        self.slot = torch.arange(group.shape[0], device=group.device) - starts[inverse]
-        self.groups = int(sizes.shape[0])
-        self.width = int(sizes.max())
-        self.uniform = bool((sizes == self.width).all())
-        self.row_bias = self.prefix_bias[self.group]  # [rows, 1, 1, width]
+    @staticmethod
+    def _fold_sign(sin: torch.Tensor) -> torch.Tensor:
+        """``rotate_half(x) * sin == roll(x, d/2) * cat(-sin[:d/2], sin[d/2:])``, exactly."""
+        half = sin.shape[-1] // 2
+        return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+    def _set_layout(self, groups: int, slots: int, row_group: torch.Tensor, row_slot: torch.Tensor) -> None:
+        self.groups, self.slots = groups, slots
+        self.row_group, self.row_slot = row_group, row_slot
+        self.holes = row_slot.shape[0] != groups * slots  # real rows fill every slot: no gather needed
+        self.bias = None
+        if self.prefix_bias is not None:  # [G*kv, 1, W] for baddbmm
+            bias = self.prefix_bias[:, None].expand(groups, self.kv, 1, self.width).reshape(-1, 1, self.width)
+            self.bias = bias.to(self.dtype)
+
+    @property
+    def rows(self) -> int:
+        """Real rows (samples still decoded)."""
+        return self.row_slot.shape[0]
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only rows ``keep`` (increasing indices); prompts left without rows are dropped as well."""
-        kept_groups = torch.unique_consecutive(self.group[keep])
-        if kept_groups.shape[0] != self.groups:
-            self.prefix_keys_t = [keys[kept_groups] for keys in self.prefix_keys_t]
-            self.prefix_values = [values[kept_groups] for values in self.prefix_values]
-            self.prefix_bias = self.prefix_bias[kept_groups]
-        self.suffix_keys_t = [keys[keep] for keys in self.suffix_keys_t]
-        self.suffix_values = [values[keep] for values in self.suffix_values]
-        self._set_groups(self.group[keep])
+        row_group, old_slot = self.row_group[keep], self.row_slot[keep]
+        kept, inverse, sizes = torch.unique_consecutive(row_group, return_inverse=True, return_counts=True)
+        groups, slots = int(kept.shape[0]), int(sizes.max())
+        starts = torch.cumsum(sizes, 0) - sizes
+        new_slot = inverse * slots + torch.arange(keep.shape[0], device=self.device) - starts[inverse]
+        source = old_slot[starts].repeat_interleave(slots)  # holes copy their prompt's first kept row
+        source[new_slot] = old_slot
+        t, old_slots = self.length, self.slots
+        source_group, source_slot = source // old_slots, source % old_slots
+        for caches in (self.suffix_keys, self.suffix_values):
+            for index, cache in enumerate(caches):
+                _, kv, _, capacity, d = cache.shape
+                fresh = cache.new_empty((groups, kv, slots, capacity, d))
+                gathered = cache[source_group, :, source_slot, :t]  # [G'*S', kv, t, d]
+                fresh[:, :, :, :t] = gathered.view(groups, slots, kv, t, d).transpose(1, 2)
+                caches[index] = fresh
+        if groups != self.groups:
+            kv, d, w = self.kv, self.head_dim, self.width
+            self.prefix_keys_t = [k.view(self.groups, kv, d, w)[kept].view(-1, d, w) for k in self.prefix_keys_t]
+            self.prefix_values = [v.view(self.groups, kv, w, d)[kept].view(-1, w, d) for v in self.prefix_values]
+            self.base = self.base[kept]
+            if self.prefix_bias is not None:
+                self.prefix_bias = self.prefix_bias[kept]
+        self._set_layout(groups, slots, inverse, new_slot)
 
-    def _to_groups(self, x: torch.Tensor) -> torch.Tensor:
-        """``[rows, kv, rep, k]`` -> ``[G, kv, width*rep, k]`` (zero rows where a group has fewer samples)."""
-        rows, kv, rep, k = x.shape
-        if self.uniform:
-            grouped = x.view(self.groups, self.width, kv, rep, k)
+    def _rope(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[G, 1, 1, d]`` cos and sign-folded sin of each prompt's current position."""
+        positions = self.base + self.length
+        if self.rope_table is not None:
+            table = self.rope_table[positions]  # [G, 2, d]
+            return table[:, None, None, 0], table[:, None, None, 1]
+        cos, sin = self.w.rotary(hidden, positions[:, None])  # [G, 1, d]
+        return cos[:, None], self._fold_sign(sin)[:, None]
+
+    def _attention(self, index: int, q: torch.Tensor, t: int) -> torch.Tensor:
+        """``q`` ``[G, S, H, d]`` (scaled) over each prompt's prefix and each row's first ``t`` own tokens."""
+        groups, slots, kv, rep, d, width = self.groups, self.slots, self.kv, self.rep, self.head_dim, self.width
+        rows, cells = groups * slots, groups * kv * slots  # cells: one (prompt, kv head, slot) each
+        grouped = q.reshape(groups, slots, kv, rep, d).permute(0, 2, 1, 3, 4).reshape(groups * kv, slots * rep, d)
+        keys_t = self.prefix_keys_t[index]
+        if self.bias is not None:
+            prefix = torch.baddbmm(self.bias, grouped, keys_t)  # [G*kv, S*rep, W], padding masked
         else:
-            grouped = x.new_zeros((self.groups, self.width, kv, rep, k))
-            grouped[self.group, self.slot] = x
-        return grouped.permute(0, 2, 1, 3, 4).reshape(self.groups, kv, self.width * rep, k)
-
-    def _from_groups(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`_to_groups`: ``[G, kv, width*rep, k]`` -> ``[rows, kv, rep, k]``."""
-        groups, kv, _, k = x.shape
-        per_slot = x.view(groups, kv, self.width, self.rep, k).permute(0, 2, 1, 3, 4)
-        if self.uniform:
-            return per_slot.reshape(groups * self.width, kv, self.rep, k)
-        return per_slot[self.group, self.slot]
-
-    def _attention(self, index: int, layer: _Layer, q: torch.Tensor, t: int) -> torch.Tensor:
-        """Attention of one query per row over its prompt's prefix and its own first ``t`` generated tokens."""
-        rows = q.shape[0]
-        q = q.view(rows, layer.kv_heads, self.rep, layer.head_dim)
-        prefix_scores = self._from_groups(self._to_groups(q) @ self.prefix_keys_t[index])  # [rows, kv, rep, W]
-        suffix_scores = q @ self.suffix_keys_t[index][..., :t]  # [rows, kv, rep, t]
-        prefix_scores = prefix_scores.float() * layer.scaling + self.row_bias
-        scores = torch.cat((prefix_scores, suffix_scores.float() * layer.scaling), dim=-1).softmax(dim=-1)
-        width = prefix_scores.shape[-1]
-        probs = scores.to(q.dtype)
-        out = self._from_groups(self._to_groups(probs[..., :width].contiguous()) @ self.prefix_values[index])
-        out = out + probs[..., width:] @ self.suffix_values[index][:, :, :t]
-        return out.reshape(rows, layer.heads * layer.head_dim)
+            prefix = torch.bmm(grouped, keys_t)
+        own_keys = self.suffix_keys[index].view(cells, self.capacity, d)[:, :t]
+        suffix = torch.bmm(grouped.reshape(cells, rep, d), own_keys.transpose(1, 2))  # [cells, rep, t]
+        scores = torch.cat((prefix.reshape(cells, rep, width), suffix), dim=-1)
+        probs = scores.float().softmax(dim=-1).to(q.dtype)  # [cells, rep, W + t]
+        out = torch.bmm(probs[..., :width].reshape(groups * kv, slots * rep, width), self.prefix_values[index])
+        own_values = self.suffix_values[index].view(cells, self.capacity, d)[:, :t]
+        out = torch.baddbmm(out.reshape(cells, rep, d), probs[..., width:], own_values)
+        return out.view(groups, kv, slots, rep, d).permute(0, 2, 1, 3, 4).reshape(rows, kv * rep * d)
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row at ``positions`` (``[rows]`` or ``[rows, 1]``); return ``[rows, vocab]`` logits."""
-        rows = tokens.shape[0]
-        hidden = self.embed(tokens.view(rows, 1))  # [rows, 1, hidden]
-        if self.rope_table is not None:
-            where = positions.view(rows)
-            cos, sin = self.rope_table[0][where], self.rope_table[1][where]
-        else:
-            cos, sin = self.rotary(hidden, positions.view(rows, 1))  # [rows, 1, head_dim]
-        hidden = hidden.view(rows, -1)
-        cos, sin = cos.view(rows, 1, -1), sin.view(rows, 1, -1)
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per real row; return ``[rows, vocab]`` logits for the real rows."""
+        w, groups, slots = self.w, self.groups, self.slots
+        rows = groups * slots
+        if self.holes:
+            tokens = tokens.new_zeros(rows).index_copy_(0, self.row_slot, tokens.view(-1))
+        hidden = w.embed(tokens.view(rows))  # [rows, hidden]
+        cos, sin = self._rope(hidden)
         t = self.length
-        for index, layer in enumerate(self.layers):
-            residual = hidden
+        heads, kv, d = w.heads, self.kv, self.head_dim
+        half = d // 2
+        for index, layer in enumerate(w.layers):
             x = layer.input_norm(hidden)
-            q = layer.q(x).view(rows, layer.heads, layer.head_dim)
-            k = layer.k(x).view(rows, layer.kv_heads, layer.head_dim)
-            v = layer.v(x).view(rows, layer.kv_heads, layer.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            self.suffix_keys_t[index][..., t] = k
-            self.suffix_values[index][:, :, t] = v
-            hidden = residual + layer.o(self._attention(index, layer, q, t + 1))
-            x = layer.post_norm(hidden)
-            hidden = hidden + layer.down(layer.act(layer.gate(x)) * layer.up(x))
+            qkv = layer.qkv(x).view(groups, slots, heads + 2 * kv, d)
+            qk = qkv[:, :, : heads + kv]
+            qk = qk * cos + torch.roll(qk, half, dims=-1) * sin
+            q = qk[:, :, :heads]
+            if layer.q_scale != 1.0:
+                q = q * layer.q_scale
+            self.suffix_keys[index][:, :, :, t] = qk[:, :, heads:].transpose(1, 2)
+            self.suffix_values[index][:, :, :, t] = qkv[:, :, heads + kv :].transpose(1, 2)
+            hidden = layer.o(hidden, self._attention(index, q, t + 1))
+            gate_up = layer.gate_up(layer.post_norm(hidden))
+            size = layer.intermediate
+            hidden = layer.down(hidden, layer.act(gate_up[:, :size]) * gate_up[:, size:])
         self.length = t + 1
-        return self.lm_head(self.final_norm(hidden))
+        if self.holes:
+            hidden = hidden.index_select(0, self.row_slot)
+        return w.lm_head(w.final_norm(hidden))

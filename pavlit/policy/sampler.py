@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pavlit.policy.fast_decode import SUPPORTED_ARCHITECTURES, GroupedDecoder, supports_fast_decode
+from pavlit.policy.fast_decode import SUPPORTED_ARCHITECTURES, DecodeWeights, GroupedDecoder, supports_fast_decode
 
 STOP_EOS = "eos"
 STOP_DELIMITER = "delimiter"
@@ -282,6 +282,7 @@ class Sampler:
                 f"got {type(model).__name__} (use fast_decode=None to pick automatically)"
             )
         self._fast_decode = supported if fast_decode is None else bool(fast_decode)
+        self._decode_weights: DecodeWeights | None = None  # built at the first grouped decode, then reused
         self._token_texts: list[str] | None = None
         self._delimiter_tables: dict[str, tuple[torch.Tensor, bool]] = {}
 
@@ -537,8 +538,10 @@ class Sampler:
         decoder = None
         if self._fast_decode and getattr(cache, "layers", None):
             # One copy of each prompt's KV, attended to by all its samples at once (pavlit.policy.fast_decode).
+            if self._decode_weights is None:
+                self._decode_weights = DecodeWeights(self.model)
             decoder = GroupedDecoder(
-                self.model,
+                self._decode_weights.current(),
                 [layer.keys for layer in cache.layers],
                 [layer.values for layer in cache.layers],
                 mask2d[:, :width] if padded else None,
@@ -568,32 +571,43 @@ class Sampler:
         if step_target:
             table, exact = self._delimiter_table(delimiter)
             steps_done = torch.zeros(rows, dtype=torch.long, device=device)
-        generated = torch.full((rows, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
-        gen_lengths = torch.zeros(rows, dtype=torch.long, device=device)
-        token_logprobs = torch.zeros((rows, max_new_tokens), device=device) if return_logprobs else None
-        stop_code = torch.zeros(rows, dtype=torch.long, device=device)  # 0 running/length, 1 eos, 2 step limit
-        row_ids = torch.arange(rows, device=device)  # original row of each current batch row
+        # Per current batch row (the loop's own rows, compacted with the batch); written out to the rows of the
+        # call (``row_ids``) when rows are dropped and at the end, so a step touches no scattered index.
+        tokens_out = torch.full((rows, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        lengths_out = torch.zeros(rows, dtype=torch.long, device=device)
+        codes_out = torch.zeros(rows, dtype=torch.long, device=device)  # 0 running/length, 1 eos, 2 step limit
+        logprobs_out = torch.zeros((rows, max_new_tokens), device=device) if return_logprobs else None
+        generated, gen_lengths, stop_code, token_logprobs = tokens_out, lengths_out, codes_out, logprobs_out
+        row_ids = torch.arange(rows, device=device)  # row of the call of each current batch row
         alive = torch.ones(rows, dtype=torch.bool, device=device)
+        compacted = False
+
+        def write_out() -> None:
+            tokens_out[row_ids] = generated
+            lengths_out[row_ids] = gen_lengths
+            codes_out[row_ids] = stop_code
+            if logprobs_out is not None:
+                logprobs_out[row_ids] = token_logprobs
 
         for t in range(max_new_tokens):
             tokens = sample_tokens(logits, temperature, top_p, self.generator)
-            generated[row_ids, t] = tokens
+            generated[:, t] = tokens
             if token_logprobs is not None:
-                token_logprobs[row_ids, t] = logits.float().log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
-            gen_lengths[row_ids] += alive
+                token_logprobs[:, t] = logits.float().log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+            gen_lengths += alive
             eos = self.is_eos[tokens] & alive
-            stop = eos.clone()
+            stop = eos
             if step_target:
                 if exact:
-                    steps_done[row_ids] += table[tokens] * alive
-                    hit = (steps_done[row_ids] >= step_target) & alive & ~eos
+                    steps_done += table[tokens] * alive
+                    hit = (steps_done >= step_target) & alive & ~eos
                 else:
                     hit = self._confirm_delimiter(
-                        (table[tokens] > 0) & alive & ~eos, row_ids, generated, gen_lengths, delimiter, step_target
+                        (table[tokens] > 0) & alive & ~eos, generated, gen_lengths, delimiter, step_target
                     )
-                stop |= hit
-                stop_code[row_ids[hit]] = 2
-            stop_code[row_ids[eos]] = 1
+                stop = stop | hit
+                stop_code.masked_fill_(hit, 2)
+            stop_code.masked_fill_(eos, 1)
             alive &= ~stop
             n_alive = int(alive.sum())  # the one host sync per token
             if n_alive == 0 or t == max_new_tokens - 1:
@@ -602,18 +616,25 @@ class Sampler:
             stale = rows_now - n_alive
             if stale and stale >= self.compact_fraction * rows_now:
                 # Drop finished rows once enough of the batch is dead weight (compaction copies the cache).
+                if compacted:
+                    write_out()
+                compacted = True  # until the first drop, the loop's tensors are the call's own (nothing to write)
                 keep = alive.nonzero().squeeze(-1)
                 if decoder is not None:
                     decoder.select(keep)
                 else:
                     cache.batch_select_indices(keep)
                 row_ids, alive, tokens = row_ids[keep], alive[keep], tokens[keep]
+                generated, gen_lengths, stop_code = generated[keep], gen_lengths[keep], stop_code[keep]
+                if token_logprobs is not None:
+                    token_logprobs = token_logprobs[keep]
+                if step_target:
+                    steps_done = steps_done[keep]
                 position, mask2d = position[keep], mask2d[keep]
                 if mask4d is not None:
                     mask4d = mask4d[keep]
             if decoder is not None:
-                logits = decoder.step(tokens, position)
-                position = position + 1
+                logits = decoder.step(tokens)
                 continue
             kv_length = width + t + 1
             step_kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True}
@@ -627,23 +648,24 @@ class Sampler:
             logits = out.logits[:, -1, :]
             del out
             position = position + 1
+        if compacted:
+            write_out()
 
-        lengths_list = gen_lengths.tolist()
-        codes = stop_code.tolist()
-        generated_list = generated.tolist()
+        lengths_list = lengths_out.tolist()
+        codes = codes_out.tolist()
+        generated_list = tokens_out.tolist()
         ids = [generated_list[r][: lengths_list[r]] for r in range(rows)]
         reason_names = {0: STOP_LENGTH, 1: STOP_EOS, 2: step_reason}
         reasons = [reason_names[code] for code in codes]
         row_logprobs = None
-        if token_logprobs is not None:
-            logprob_list = token_logprobs.tolist()
+        if logprobs_out is not None:
+            logprob_list = logprobs_out.tolist()
             row_logprobs = [logprob_list[r][: lengths_list[r]] for r in range(rows)]
         return ids, reasons, row_logprobs, int(sum(lengths))
 
     def _confirm_delimiter(
         self,
         candidates: torch.Tensor,
-        row_ids: torch.Tensor,
         generated: torch.Tensor,
         gen_lengths: torch.Tensor,
         delimiter: str,
@@ -651,11 +673,10 @@ class Sampler:
     ) -> torch.Tensor:
         """For a multi-character delimiter: which candidate rows' decoded text now holds ``target`` delimiters."""
         hit = torch.zeros_like(candidates)
-        for index in candidates.nonzero().squeeze(-1).tolist():
-            row = int(row_ids[index])
+        for row in candidates.nonzero().squeeze(-1).tolist():
             text = self.tokenizer.decode(generated[row, : int(gen_lengths[row])].tolist(), skip_special_tokens=True)
             if text.count(delimiter) >= target:
-                hit[index] = True
+                hit[row] = True
         return hit
 
     def _new_cache(self, capacity: int) -> Any:
