@@ -182,13 +182,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _show_traceback():
             raise
         _close_progress_bars()
-        name = signal.Signals(signum).name
-        print(
-            f"pavlit {args[0]}: interrupted by {name}; the work finished so far is kept, and rerunning the same "
-            "command resumes from it",
-            file=sys.stderr,
-        )
+        if _first_process():  # the other ranks of a multi-process job end with the same status, silently
+            name = signal.Signals(signum).name
+            print(
+                f"pavlit {args[0]}: interrupted by {name}; the work finished so far is kept, and rerunning the same "
+                "command resumes from it",
+                file=sys.stderr,
+            )
         return 128 + signum
+
+
+def _first_process() -> bool:
+    return all(int(os.environ.get(name) or 0) == 0 for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def _close_progress_bars() -> None:
