@@ -26,7 +26,8 @@ def require(module: str, extra: str) -> ModuleType:
 
     Raises:
         ImportError: ``module`` is not installed (the message says ``pip install 'pavlit[extra]'``), or it is
-            installed but its own import fails (the message says so, with the cause chained).
+            installed but its own import fails, whatever it raises (``RuntimeError`` from a broken CUDA setup,
+            ``sys.exit()``): the message says so, with the cause chained.
     """
     try:
         return importlib.import_module(module)
@@ -41,4 +42,10 @@ def require(module: str, extra: str) -> ModuleType:
             ) from err
         raise ImportError(
             f"{module!r} (from the pavlit[{extra}] extra) is installed but failed to import: {err}", name=module
+        ) from err
+    except (Exception, SystemExit) as err:  # a package's import can raise anything; report it like a broken install
+        raise ImportError(
+            f"{module!r} (from the pavlit[{extra}] extra) is installed but failed to import: "
+            f"{type(err).__name__}: {err}",
+            name=module,
         ) from err

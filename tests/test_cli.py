@@ -224,6 +224,13 @@ def test_require_missing_names_the_extra(module):
     assert excinfo.value.name == module
 
 
+@pytest.mark.parametrize(("index", "code"), enumerate(["raise RuntimeError('no CUDA runtime')", "raise SystemExit(3)"]))
+def test_require_reports_any_import_failure_as_an_import_error(make_module, index, code):
+    failing = make_module(f"cli_probe_failing_import_{index}", f"{code}\n")
+    with pytest.raises(ImportError, match=r"installed but failed to import: (RuntimeError: no CUDA|SystemExit: 3)"):
+        require(failing, extra="quant")
+
+
 def test_require_broken_install_is_not_reported_as_missing(make_module):
     broken = make_module("cli_probe_broken_dep", "import cli_probe_dependency_that_is_gone\n")
     with pytest.raises(ImportError, match="installed but failed to import") as excinfo:
