@@ -48,6 +48,7 @@ from pavlit.policy.loading import (  # noqa: E402
     smollm2_135m,
     tiny_policy,
 )
+from pavlit.policy.precision import cpu_flags  # noqa: E402
 from pavlit.policy.sampler import Sampler  # noqa: E402
 from pavlit.policy.tokenizer import build_char_tokenizer  # noqa: E402
 
@@ -86,6 +87,17 @@ def new_token_count(sequences: torch.Tensor, prompt_width: int, eos_ids: set[int
                 break
         total += length
     return total
+
+
+def machine_line() -> str:
+    """The CPU's bf16/AMX features, torch's thread count and build, for the results header."""
+    flags = cpu_flags()
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    have = [flag for flag in wanted if flag in flags] or ["none of " + "/".join(wanted)]
+    return (
+        f"cpu: {' '.join(have)}; torch {torch.__version__}, threads={torch.get_num_threads()}, "
+        f"mkldnn={torch.backends.mkldnn.is_available()}"
+    )
 
 
 def round_robin(repeats: int, runs: dict[str, Callable[[], int]]) -> dict[str, dict[str, float]]:
@@ -213,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         f"model={args.model} params={params / 1e6:.2f}M dtype={dtype} threads={torch.get_num_threads()} "
         f"workload={args.prefixes} prefixes x {n} samples x <= {max_new} tokens (best of {args.repeats})"
     )
+    print(machine_line())
     print(f"{'method':<18} {'tokens':>7} {'seconds':>8} {'tok/s':>9} {'median':>9} {'vs baseline':>11}")
     for name, result in results.items():
         print(
@@ -221,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.out is not None:
         payload = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+        payload["machine"] = machine_line()
         payload["results"] = results
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(payload, indent=2))

@@ -34,6 +34,7 @@ from torch import nn
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position alone
+GROUP_COST = 1.0  # a group's prefix products cost about one slot's layers (measured on the tiny policy)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -198,21 +199,23 @@ class GroupedDecoder:
     ) -> None:
         self.w = weights
         first = prefix_keys[0]
-        groups, kv, width, head_dim = first.shape
+        prompts, kv, width, head_dim = first.shape
         self.kv, self.rep, self.head_dim = kv, weights.heads // kv, head_dim
         self.width, self.capacity = width, capacity
         self.dtype, self.device = first.dtype, first.device
-        # [G*kv, d, W] keys (transposed once) and [G*kv, W, d] values for the batched prefix products.
-        self.prefix_keys_t = [keys.transpose(-1, -2).reshape(groups * kv, head_dim, width) for keys in prefix_keys]
-        self.prefix_values = [values.reshape(groups * kv, width, head_dim) for values in prefix_values]
-        self.prefix_bias = None  # [G, 1, W] additive padding mask, float32
+        # Per prompt: [P, kv, d, W] keys (transposed once) and [P, kv, W, d] values; each layout indexes them by
+        # group (a group is a prompt, or a share of a prompt's samples when that packs the slots tighter).
+        self.prompt_keys_t = [keys.transpose(-1, -2).contiguous() for keys in prefix_keys]
+        self.prompt_values = [values.contiguous() for values in prefix_values]
+        self.prompt_bias = None  # [P, 1, W] additive padding mask
         if prefix_mask is not None:
             real = prefix_mask[:, :width] != 0
-            self.prefix_bias = torch.zeros(real.shape, device=self.device).masked_fill(~real, float("-inf"))[:, None]
+            bias = torch.zeros(real.shape, dtype=self.dtype, device=self.device).masked_fill(~real, float("-inf"))
+            self.prompt_bias = bias[:, None]
             lengths = real.sum(-1)
         else:
-            lengths = torch.full((groups,), width, device=self.device)
-        self.base = lengths.to(device=self.device, dtype=torch.long)  # position of each prompt's first new token
+            lengths = torch.full((prompts,), width, device=self.device)
+        self.prompt_base = lengths.to(device=self.device, dtype=torch.long)  # position of the first new token
 
         # Static RoPE types give cos/sin as a function of the position: tabulate [cos, sign-folded sin] once.
         self.rope_table = None
@@ -222,12 +225,10 @@ class GroupedDecoder:
             self.rope_table = torch.stack((cos[0], self._fold_sign(sin[0])), dim=1)  # [reach, 2, d]
 
         counts = counts.to(self.device)
-        slots = int(counts.max())
-        row_group = torch.repeat_interleave(torch.arange(groups, device=self.device), counts)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(row_group.shape[0], device=self.device) - starts[row_group]
-        self._set_layout(groups, slots, row_group, row_group * slots + rank)
-        shape = (groups, kv, slots, capacity, head_dim)  # group-major, like the prefix products' rows
+        self.row_prompt = torch.repeat_interleave(torch.arange(prompts, device=self.device), counts)
+        self.group_prompt = None
+        self._set_layout(self.row_prompt)
+        shape = (self.groups, kv, self.slots, capacity, head_dim)  # group-major, like the prefix products' rows
         self.suffix_keys = [first.new_empty(shape) for _ in weights.layers]
         self.suffix_values = [first.new_empty(shape) for _ in weights.layers]
         self.length = 0
@@ -238,14 +239,51 @@ class GroupedDecoder:
         half = sin.shape[-1] // 2
         return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
-    def _set_layout(self, groups: int, slots: int, row_group: torch.Tensor, row_slot: torch.Tensor) -> None:
-        self.groups, self.slots = groups, slots
-        self.row_group, self.row_slot = row_group, row_slot
-        self.holes = row_slot.shape[0] != groups * slots  # real rows fill every slot: no gather needed
-        self.bias = None
-        if self.prefix_bias is not None:  # [G*kv, 1, W] for baddbmm
-            bias = self.prefix_bias[:, None].expand(groups, self.kv, 1, self.width).reshape(-1, 1, self.width)
-            self.bias = bias.to(self.dtype)
+    @staticmethod
+    def slots_for(counts: list[int], group_cost: float = GROUP_COST) -> int:
+        """Slots per group that minimise the slots computed (holes included) plus ``group_cost`` per group.
+
+        A prompt with ``c`` samples takes ``ceil(c / S)`` groups of ``S`` slots; small ``S`` leaves fewer holes,
+        large ``S`` makes fewer, larger prefix products.
+        """
+        best, best_cost = 1, math.inf
+        for slots in range(max(counts), 0, -1):
+            groups = sum(-(-count // slots) for count in counts)
+            cost = groups * slots + group_cost * groups
+            if cost < best_cost:
+                best, best_cost = slots, cost
+        return best
+
+    def _set_layout(self, row_prompt: torch.Tensor) -> torch.Tensor:
+        """Place rows (prompt ids, nondecreasing) into groups of slots; returns each group's first row."""
+        device = self.device
+        prompts, inverse, sizes = torch.unique_consecutive(row_prompt, return_inverse=True, return_counts=True)
+        slots = self.slots_for(sizes.tolist())
+        chunks = (sizes + slots - 1) // slots
+        group_prompt = torch.repeat_interleave(prompts, chunks)
+        group_start = torch.cumsum(chunks, 0) - chunks
+        rank = torch.arange(row_prompt.shape[0], device=device) - (torch.cumsum(sizes, 0) - sizes)[inverse]
+        row_group = group_start[inverse] + torch.div(rank, slots, rounding_mode="floor")
+        self.groups, self.slots = int(group_prompt.shape[0]), slots
+        self.row_group, self.row_slot = row_group, row_group * slots + rank % slots
+        self.holes = row_prompt.shape[0] != self.groups * slots  # every slot real: no scatter or gather needed
+        if self.group_prompt is None or not torch.equal(group_prompt, self.group_prompt):
+            self.group_prompt = group_prompt
+            identity = torch.equal(group_prompt, torch.arange(len(self.prompt_keys_t[0]), device=device))
+            kv, d, w = self.kv, self.head_dim, self.width
+
+            def per_group(x: torch.Tensor) -> torch.Tensor:
+                return x if identity else x[group_prompt]
+
+            # [G*kv, d, W] keys and [G*kv, W, d] values for the batched prefix products.
+            self.prefix_keys_t = [per_group(k).view(-1, d, w) for k in self.prompt_keys_t]
+            self.prefix_values = [per_group(v).view(-1, w, d) for v in self.prompt_values]
+            self.base = self.prompt_base[group_prompt]
+            self.bias = None
+            if self.prompt_bias is not None:  # [G*kv, 1, W] for baddbmm
+                bias = self.prompt_bias[group_prompt][:, None].expand(self.groups, kv, 1, w)
+                self.bias = bias.reshape(-1, 1, w)
+        return (rank % slots == 0).nonzero().squeeze(-1)
 
     @property
     def rows(self) -> int:
@@ -253,15 +291,13 @@ class GroupedDecoder:
         return self.row_slot.shape[0]
 
     def select(self, keep: torch.Tensor) -> None:
-        """Keep only rows ``keep`` (increasing indices); prompts left without rows are dropped as well."""
-        row_group, old_slot = self.row_group[keep], self.row_slot[keep]
-        kept, inverse, sizes = torch.unique_consecutive(row_group, return_inverse=True, return_counts=True)
-        groups, slots = int(kept.shape[0]), int(sizes.max())
-        starts = torch.cumsum(sizes, 0) - sizes
-        new_slot = inverse * slots + torch.arange(keep.shape[0], device=self.device) - starts[inverse]
-        source = old_slot[starts].repeat_interleave(slots)  # holes copy their prompt's first kept row
-        source[new_slot] = old_slot
-        t, old_slots = self.length, self.slots
+        """Keep only rows ``keep`` (increasing indices); groups are re-packed around the rows left."""
+        old_slot, old_slots = self.row_slot[keep], self.slots
+        self.row_prompt = self.row_prompt[keep]
+        group_first = self._set_layout(self.row_prompt)
+        source = old_slot[group_first].repeat_interleave(self.slots)  # holes copy their group's first row
+        source[self.row_slot] = old_slot
+        t, groups, slots = self.length, self.groups, self.slots
         source_group, source_slot = source // old_slots, source % old_slots
         for caches in (self.suffix_keys, self.suffix_values):
             for index, cache in enumerate(caches):
@@ -270,14 +306,6 @@ class GroupedDecoder:
                 gathered = cache[source_group, :, source_slot, :t]  # [G'*S', kv, t, d]
                 fresh[:, :, :, :t] = gathered.view(groups, slots, kv, t, d).transpose(1, 2)
                 caches[index] = fresh
-        if groups != self.groups:
-            kv, d, w = self.kv, self.head_dim, self.width
-            self.prefix_keys_t = [k.view(self.groups, kv, d, w)[kept].view(-1, d, w) for k in self.prefix_keys_t]
-            self.prefix_values = [v.view(self.groups, kv, w, d)[kept].view(-1, w, d) for v in self.prefix_values]
-            self.base = self.base[kept]
-            if self.prefix_bias is not None:
-                self.prefix_bias = self.prefix_bias[kept]
-        self._set_layout(groups, slots, inverse, new_slot)
 
     def _rope(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[G, 1, 1, d]`` cos and sign-folded sin of each prompt's current position."""
