@@ -9,7 +9,8 @@ import torch
 from conftest import DECODE_PROMPTS as PROMPTS
 from conftest import sharpened
 
-from pavlit.policy.fast_decode import supports_fast_decode
+from pavlit.policy import fast_decode
+from pavlit.policy.fast_decode import GroupedDecoder, supports_fast_decode
 from pavlit.policy.sampler import Sampler
 
 
@@ -151,3 +152,57 @@ def test_position_dependent_rope_is_recomputed_each_step(tokenizer) -> None:
         assert sampler._fast_decode is fast
         outputs.append(sampler.complete(PROMPTS, n=3, seed=7, return_logprobs=True))
     assert_same(*outputs)
+
+
+def test_slot_packing_trades_holes_for_groups() -> None:
+    assert GroupedDecoder.slots_for([16] * 8) == 16  # uniform: one group per prompt, no holes
+    assert GroupedDecoder.slots_for([14, 2, 3, 1]) < 14  # one big prompt: split it rather than pad the others
+    assert GroupedDecoder.slots_for([14, 2, 3, 1], group_cost=0.0) == 1  # free groups: no holes at all
+    assert GroupedDecoder.slots_for([14, 2, 3, 1], group_cost=100.0) == 14
+
+
+@pytest.mark.parametrize("group_cost", [0.0, 0.5, 100.0])
+def test_any_slot_packing_is_exact(model, tokenizer, monkeypatch, group_cost: float) -> None:
+    """One row per group, prompts split over several groups, one padded group per prompt: all token-identical."""
+    monkeypatch.setattr(fast_decode, "GROUP_COST", group_cost)
+    outputs = []
+    for fast in (False, True):
+        sampler = Sampler(model, tokenizer, fast_decode=fast, max_new_tokens=20, max_batch=7)
+        sampler.compact_fraction = 0.1
+        outputs.append(sampler.complete(PROMPTS, n=5, seed=11, return_logprobs=True))
+    assert_same(*outputs)
+
+
+def test_fused_weights_follow_in_place_updates(model, tokenizer) -> None:
+    """The fused QKV / gate-up copies are rebuilt after an optimizer-style in-place update (RL)."""
+    policy = copy.deepcopy(model)
+    sampler = Sampler(policy, tokenizer, max_new_tokens=16, temperature=0.0)
+    before = sampler.complete(PROMPTS, n=1).token_ids
+    with torch.no_grad():
+        for layer in policy.model.layers:
+            layer.self_attn.v_proj.weight.mul_(-3.0)
+            layer.mlp.up_proj.weight.add_(0.5)
+    after = sampler.complete(PROMPTS, n=1).token_ids
+    reference = Sampler(policy, tokenizer, max_new_tokens=16, temperature=0.0, fast_decode=False)
+    assert after == reference.complete(PROMPTS, n=1).token_ids
+    assert after != before
+
+
+@pytest.mark.parametrize("fixture", ["model", "gqa_model"])
+def test_bfloat16_logprobs_match_a_full_forward_pass(request, tokenizer, fixture: str) -> None:
+    """The bf16 path scores tokens like one uncached pass: head_dim 16 folds the attention scale into W_q
+    exactly; the grouped-query model's head_dim 8 cannot, so its queries are scaled per step."""
+    policy = copy.deepcopy(request.getfixturevalue(fixture)).to(torch.bfloat16)
+    sampler = Sampler(policy, tokenizer, max_new_tokens=16, seed=4)
+    assert sampler._fast_decode
+    out = sampler.complete(PROMPTS, n=3, return_logprobs=True)
+    worst = 0.0
+    for prompt, per_prompt_ids, per_prompt_logprobs in zip(PROMPTS, out.token_ids, out.logprobs):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        for ids, logprobs in zip(per_prompt_ids, per_prompt_logprobs):
+            with torch.no_grad():
+                logits = policy(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1]
+            expected = logits.float().log_softmax(-1).gather(1, torch.tensor(ids)[:, None]).squeeze(1)
+            worst = max(worst, (torch.tensor(logprobs) - expected).abs().max().item())
+    # bf16 rounding moves log-probs by ~1e-2 on this sharpened model; a wrong position, mask or head is >> 1.
+    assert worst < 0.15

@@ -240,12 +240,14 @@ class GroupedDecoder:
         return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
     @staticmethod
-    def slots_for(counts: list[int], group_cost: float = GROUP_COST) -> int:
-        """Slots per group that minimise the slots computed (holes included) plus ``group_cost`` per group.
+    def slots_for(counts: list[int], group_cost: float | None = None) -> int:
+        """Slots per group that minimise the slots computed (holes included) plus ``group_cost`` per group
+        (default: :data:`GROUP_COST`).
 
         A prompt with ``c`` samples takes ``ceil(c / S)`` groups of ``S`` slots; small ``S`` leaves fewer holes,
         large ``S`` makes fewer, larger prefix products.
         """
+        group_cost = GROUP_COST if group_cost is None else group_cost
         best, best_cost = 1, math.inf
         for slots in range(max(counts), 0, -1):
             groups = sum(-(-count // slots) for count in counts)
