@@ -389,7 +389,12 @@ def _select_cpu_4bit_kernels(model: nn.Module, training: bool) -> None:
     Raises:
         ValueError: ``training`` and a layer has already been repacked by an inference forward.
     """
-    offered = [(name, m) for name, m in _linear4bit_layers(model) if m.support_avx512bf16_for_cpu]
+    # Only CPU layers: bitsandbytes takes the fused path for CPU inputs only (a CUDA model's flag is inert).
+    offered = [
+        (name, m)
+        for name, m in _linear4bit_layers(model)
+        if m.support_avx512bf16_for_cpu and m.weight.device.type == "cpu"
+    ]
     if not offered:
         return
     if training:
@@ -430,7 +435,8 @@ def _select_cpu_4bit_kernels(model: nn.Module, training: bool) -> None:
 
 
 def cpu_4bit_kernels(model: nn.Module) -> dict[str, str]:
-    """Which bitsandbytes CPU kernel each 4-bit layer of ``model`` runs: ``"avx512-bf16"`` or ``"generic"``.
+    """Which bitsandbytes CPU kernel each 4-bit layer of ``model`` on the CPU runs: ``"avx512-bf16"`` or
+    ``"generic"`` (layers on another device are left out).
 
     ``"avx512-bf16"`` means the layer's weight is, or will be at its first inference forward, repacked for
     bitsandbytes' fused AVX512-BF16 kernel; every layer of a model being trained is ``"generic"``.
@@ -438,6 +444,7 @@ def cpu_4bit_kernels(model: nn.Module) -> dict[str, str]:
     return {
         name: "avx512-bf16" if module.support_avx512bf16_for_cpu or _is_cpu_packed(module) else "generic"
         for name, module in _linear4bit_layers(model)
+        if module.weight.device.type == "cpu"
     }
 
 
