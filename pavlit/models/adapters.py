@@ -389,14 +389,12 @@ def _select_cpu_4bit_kernels(model: nn.Module, training: bool) -> None:
     Raises:
         ValueError: ``training`` and a layer has already been repacked by an inference forward.
     """
-    # Only CPU layers: bitsandbytes takes the fused path for CPU inputs only (a CUDA model's flag is inert).
-    offered = [
-        (name, m)
-        for name, m in _linear4bit_layers(model)
-        if m.support_avx512bf16_for_cpu and m.weight.device.type == "cpu"
-    ]
+    offered = [(name, m) for name, m in _linear4bit_layers(model) if m.support_avx512bf16_for_cpu]
     if not offered:
         return
+    # The flag only matters for CPU inputs, but it is switched off on every layer (a model may move to the CPU
+    # later); only a model on the CPU logs the choice.
+    on_cpu = any(m.weight.device.type == "cpu" for _, m in offered)
     if training:
         packed = [name for name, m in offered if _is_cpu_packed(m)]
         if packed:
@@ -407,11 +405,12 @@ def _select_cpu_4bit_kernels(model: nn.Module, training: bool) -> None:
             )
         for _, module in offered:
             module.support_avx512bf16_for_cpu = False
-        log.info(
-            "4-bit training on CPU: all %d layers use bitsandbytes' generic kernel (its AVX512-BF16 kernel is "
-            "inference-only)",
-            len(offered),
-        )
+        if on_cpu:
+            log.info(
+                "4-bit training on CPU: all %d layers use bitsandbytes' generic kernel (its AVX512-BF16 kernel is "
+                "inference-only)",
+                len(offered),
+            )
         return
     refused = []
     for name, module in offered:
@@ -419,6 +418,8 @@ def _select_cpu_4bit_kernels(model: nn.Module, training: bool) -> None:
         if reason is not None:
             module.support_avx512bf16_for_cpu = False
             refused.append((name, reason))
+    if not on_cpu:
+        return
     if refused:
         name, reason = refused[0]
         log.info(
