@@ -371,6 +371,13 @@ def _search_command(argv: list[str]) -> int:
     return search_command(argv)
 
 
+def _compare_command(argv: list[str]) -> int:
+    """Fit configs over seeds (each a resumable `pavlit fit`) and compare their curves: table, plot, efficiency."""
+    from pavlit.compare import compare_command
+
+    return compare_command(argv)
+
+
 def _pipeline_command(argv: list[str]) -> int:
     """Run every stage (SFT, label, ORM + PAV, search, RL) from one config; finished stages are reused."""
     from pavlit.pipeline import pipeline_command
@@ -385,6 +392,7 @@ COMMANDS: dict[str, Command] = {
     "predict": _lightning_command("predict", "Run inference on the predict split."),
     "label": _label_command,
     "search": _search_command,
+    "compare": _compare_command,
     "pipeline": _pipeline_command,
     "plugins": plugins_command,
 }

@@ -4,14 +4,22 @@ A pipeline config names its stages in order; each stage is an ordinary pavlit co
 every stage can also be run alone), plus the file whose existence means the stage is finished::
 
     # pavlit-command: pipeline
-    run_dir: runs/tiny
+    run_dir: runs/pipeline
     stages:
       - name: sft
-        command: [fit, --config, configs/tiny/sft.yaml]
-        output: runs/tiny/sft/policy/config.json
+        command: [fit, --config, configs/tiny/sft.yaml, --trainer.default_root_dir, "${run_dir}/sft"]
+        output: ${run_dir}/sft/policy/config.json
       - name: label
-        command: [label, --config, configs/tiny/label.yaml]
-        output: runs/tiny/labels/metrics.json
+        command: [label, --config, configs/tiny/label.yaml, --policy.init_args.path, "${run_dir}/sft/policy",
+                  --output_dir, "${run_dir}/labels"]
+        output: ${run_dir}/labels/metrics.json
+      - name: rl
+        command: [compare, --config, configs/tiny/rl_compare.yaml, --output_dir, "${run_dir}/rl_compare"]
+        output: ${run_dir}/rl_compare/results.json
+
+``${run_dir}`` in a stage's command, ``output`` or ``report`` is the pipeline's ``run_dir``, so one shipped stage
+config serves every pipeline, its paths set on the command line. The RL stage is ``pavlit compare`` over the
+shipped RL configs (:mod:`pavlit.compare`): a pipeline runs pavlit commands only, never a benchmark script.
 
 A finished stage is skipped on a rerun, so rerunning the command after an interruption resumes (stages that
 resume internally, like ``label``, ``search`` and ``fit``, also keep their own finished chunks and checkpoints).
@@ -20,8 +28,9 @@ A stage marked ``parallel: true`` runs at the same time as the stage before it (
 labels and not each other); concurrent stages split the CPU cores between them through ``OMP_NUM_THREADS`` and
 their output lines are tagged with the stage name.
 Stages run as subprocesses of the same Python, so a crash in one is reported with its log and never leaves the
-next stage reading half-written outputs. At the end, every stage's ``metrics.json`` and ``report.md`` (with their
-PNG plots) are gathered into ``<run_dir>/report.md``.
+next stage reading half-written outputs. At the end, :mod:`pavlit.pipeline_report` writes ``<run_dir>/report.md``:
+a summary of what was and was not shown, then every stage's numbers (SFT pass@k, label statistics, each verifier
+beside the constant predictor, the search with its CIs and efficiency ratios, the RL curves) with its plots.
 
 Interruptions: while a stage runs, ``<run_dir>/logs/<name>.running`` exists; it is removed when the stage has
 exited successfully. A stage whose marker survived (the pipeline was killed, the machine went down) is run again
@@ -38,21 +47,23 @@ refused before anything runs: it would recurse without end.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from pavlit.labeling.shards import atomic_write_text
+from pavlit.pipeline_report import write_report
 
 #: The configs of the pipelines this process runs inside (``os.pathsep``-separated real paths), inherited by stages.
 STACK_ENV = "PAVLIT_PIPELINE_STACK"
+#: Written in a stage's command, ``output`` or ``report``, it stands for the pipeline's ``run_dir``.
+RUN_DIR_VARIABLE = "${run_dir}"
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -62,11 +73,12 @@ class Stage:
 
     Args:
         name: Short name (used in logs and the report).
-        command: The pavlit command line after ``pavlit`` (e.g. ``[fit, --config, configs/tiny/sft.yaml]``), or
-            ``[python, script.py, ...]`` for a benchmark script run with this Python.
+        command: The pavlit command line after ``pavlit`` (e.g. ``[fit, --config, configs/tiny/sft.yaml]``);
+            ``[python, ...]`` runs this Python (for tests: shipped pipelines run pavlit commands only).
         output: A file that exists once the stage has finished; the stage is skipped when it exists.
-        report: Folder holding the stage's ``metrics.json`` / ``report.md`` / PNGs for the final report
-            (default: the folder of ``output``).
+        report: Folder holding the stage's ``metrics.json`` / ``results.json`` / ``report.md`` / PNGs for the
+            final report (default: the folder of ``output``, or the one above it; see
+            :func:`pavlit.pipeline_report.report_folder`).
         parallel: Run at the same time as the stage before it (which must not need this one's output), e.g. the
             ORM and PAV fits. Concurrent stages split the CPU cores between them (``OMP_NUM_THREADS``).
     """
@@ -103,6 +115,7 @@ def pipeline(run_dir: str, stages: list[Stage], shared_args: dict[str, list[str]
     for stage in stages:
         if not stage.command:
             raise ValueError(f"stage {stage.name!r}: command is empty; expected e.g. [fit, --config, <file>]")
+    stages = resolve_run_dir(stages, run_dir)
     root = Path(run_dir)
     (root / "logs").mkdir(parents=True, exist_ok=True)
     shared_args = shared_args or {}
@@ -134,6 +147,32 @@ def pipeline(run_dir: str, stages: list[Stage], shared_args: dict[str, list[str]
     report = write_report(root, stages, timings)
     print(f"report: {report}", flush=True)
     return report
+
+
+def resolve_run_dir(stages: list[Stage], run_dir: str) -> list[Stage]:
+    """The stages with ``${run_dir}`` replaced by ``run_dir`` in their command, ``output`` and ``report``.
+
+    Raises:
+        ValueError: A ``${...}`` other than ``${run_dir}``, naming the stage.
+    """
+
+    def fill(stage: Stage, text: str) -> str:
+        filled = text.replace(RUN_DIR_VARIABLE, run_dir)
+        if "${" in filled:
+            raise ValueError(
+                f"stage {stage.name!r}: {text!r}: the only variable a pipeline knows is {RUN_DIR_VARIABLE}"
+            )
+        return filled
+
+    return [
+        replace(
+            stage,
+            command=[fill(stage, str(arg)) for arg in stage.command],
+            output=fill(stage, stage.output),
+            report=None if stage.report is None else fill(stage, stage.report),
+        )
+        for stage in stages
+    ]
 
 
 def _parallel_groups(stages: list[Stage]) -> list[list[tuple[int, Stage]]]:
@@ -179,7 +218,7 @@ class _StageRun:
             text=True,
             bufsize=1,
             env=env,
-            preexec_fn=functools.partial(_die_with_parent, os.getpid()) if sys.platform == "linux" else None,
+            preexec_fn=functools.partial(die_with_parent, os.getpid()) if sys.platform == "linux" else None,
         )
         prefix = f"[{stage.name}] " if tag_lines else ""
         self.reader = threading.Thread(target=self._copy_output, args=(prefix,), daemon=True)
@@ -208,7 +247,7 @@ class _StageRun:
             self.running.unlink()
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
     """In the forked stage, before exec: ask Linux to SIGKILL it when the pipeline process dies."""
     import ctypes
     import signal
@@ -225,44 +264,6 @@ def _command_line(command: list[str]) -> list[str]:
     return [sys.executable, "-m", "pavlit", *command]
 
 
-def write_report(root: Path, stages: list[Stage], timings: dict[str, Any]) -> Path:
-    """Gather every stage's metrics and report into one markdown file with relative links to its plots."""
-    lines = ["# pavlit pipeline report", "", "| stage | status / seconds | output |", "| --- | --- | --- |"]
-    for stage in stages:
-        lines.append(f"| {stage.name} | {timings.get(stage.name, '?')} | `{stage.output}` |")
-    for stage in stages:
-        folder = Path(stage.report) if stage.report else Path(stage.output).parent
-        lines += ["", f"## {stage.name}", ""]
-        metrics = folder / "metrics.json"
-        if metrics.exists():
-            data = json.loads(metrics.read_text(encoding="utf-8"))
-            lines += ["```json", json.dumps(_flat(data), indent=2)[:4000], "```"]
-        sub_report = folder / "report.md"
-        if sub_report.exists():
-            text = sub_report.read_text(encoding="utf-8")
-            rel = os.path.relpath(folder, root)
-            # Re-anchor the stage report's image links relative to the combined report.
-            text = text.replace("](", f"]({rel}/").replace(f"]({rel}/http", "](http")
-            lines += [_demote(text)]
-        for png in sorted(folder.glob("*.png")):
-            if sub_report.exists() and png.name in sub_report.read_text(encoding="utf-8"):
-                continue
-            lines += [f"![{stage.name}: {png.stem}]({os.path.relpath(png, root)})"]
-    path = root / "report.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
-
-
-def _flat(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _flat(v) for k, v in data.items() if not isinstance(v, list) or len(v) <= 20}
-    return data
-
-
-def _demote(markdown: str) -> str:
-    return "\n".join("#" + line if line.startswith("#") else line for line in markdown.splitlines())
-
-
 def pipeline_command(argv: list[str]) -> int:
     """Run every stage (SFT, label, ORM + PAV, search, RL) from one config; finished stages are reused."""
     from jsonargparse import ActionConfigFile, ArgumentParser
@@ -276,7 +277,7 @@ def pipeline_command(argv: list[str]) -> int:
     stack = [p for p in os.environ.get(STACK_ENV, "").split(os.pathsep) if p]
     before = os.environ.get(STACK_ENV)
     try:
-        check_no_recursion(init.stages, configs, stack)
+        check_no_recursion(resolve_run_dir(init.stages, init.run_dir), configs, stack)
         os.environ[STACK_ENV] = os.pathsep.join([*stack, *configs])
         pipeline(init.run_dir, init.stages, init.shared_args)
     except (RuntimeError, ValueError) as err:
