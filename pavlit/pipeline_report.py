@@ -4,7 +4,7 @@ Each section reads what its stage wrote into its report folder, recognised by co
 
 - a policy fit (SFT/RFT: ``metrics.json`` with ``val/pass@1``): pass@1 and pass@k on the validation problems;
 - labels (``metrics.json`` with ``records``): records, seed accuracy, the share of labels strictly inside (0, 1),
-  the mean label and, when recorded, the mean ``|ΔQ̂|`` per step;
+  the mean label and the mean ``|ΔQ̂|`` between consecutive steps (from its ``trl_prm.jsonl``);
 - a verifier fit (``metrics.json`` with ``kind`` and ``metrics``): every validation metric beside the constant
   predictor's (``val/baseline_*``);
 - a search (``results.json`` with ``points``): its own ``report.md`` (accuracy with bootstrap CIs per budget first,
@@ -67,7 +67,21 @@ def _policy_section(metrics: dict[str, Any]) -> tuple[list[str], str]:
     return lines, summary + " on its validation problems"
 
 
-def _label_section(metrics: dict[str, Any]) -> tuple[list[str], str]:
+def _mean_step_change(path: Path) -> tuple[float | None, int]:
+    """Mean ``|Q̂(s_h) − Q̂(s_{h−1})|`` over consecutive labelled steps of each seed rollout in ``trl_prm.jsonl``
+    (from step 2: that file has no label for the question-only prefix), streamed line by line."""
+    if not path.exists():
+        return None, 0
+    total, pairs = 0.0, 0
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            labels = json.loads(line).get("labels") or []
+            total += sum(abs(b - a) for a, b in zip(labels, labels[1:]))
+            pairs += max(len(labels) - 1, 0)
+    return (total / pairs if pairs else None), pairs
+
+
+def _label_section(metrics: dict[str, Any], folder: Path) -> tuple[list[str], str]:
     rows = [
         ("problems", metrics.get("problems")),
         ("step-label records", metrics.get("records")),
@@ -77,8 +91,13 @@ def _label_section(metrics: dict[str, Any]) -> tuple[list[str], str]:
         ("mean label Q̂", metrics.get("mean_q_mc")),
         ("Monte-Carlo rollouts for the labels", metrics.get("label_rollouts")),
     ]
-    delta = next((metrics[k] for k in ("mean_abs_delta_q", "mean_abs_advantage") if k in metrics), None)
-    rows.append(("mean |ΔQ̂| per step", delta if delta is not None else "not recorded by this label run"))
+    delta, pairs = _mean_step_change(folder / "trl_prm.jsonl")
+    rows.append(
+        (
+            "mean \\|ΔQ̂\\| between consecutive steps",
+            f"{delta:.4f} ({pairs} step pairs)" if delta is not None else "no trl_prm.jsonl with two-step rollouts",
+        )
+    )
     lines = ["| statistic | value |", "| --- | ---: |", *(f"| {k} | {_fmt(v)} |" for k, v in rows)]
     inside = metrics.get("fraction_q_strictly_between_0_and_1")
     summary = f"labels: {metrics.get('records')} step labels"
@@ -94,7 +113,13 @@ def _verifier_section(data: dict[str, Any]) -> tuple[list[str], str]:
     for name in names:
         constant = metrics.get(f"baseline_{name}", 0.5 if name == "auroc" else None)
         lines.append(f"| {name} | {_fmt(metrics[name])} | {_fmt(constant)} |")
-    lines += ["", "The constant predictor predicts the mean training label for every input (AUROC 0.5)."]
+    lines += [
+        "",
+        (
+            "The constant predictor predicts the validation labels' own mean for every input (the strongest constant; "
+            "AUROC 0.5). A metric without a constant column has none logged."
+        ),
+    ]
     kind = str(data.get("kind", "verifier")).upper()
     if "bce" in metrics and "baseline_bce" in metrics:
         verdict = "below" if metrics["bce"] < metrics["baseline_bce"] else "not below"
@@ -169,7 +194,7 @@ def _stage_section(stage: Any, folder: Path, root: Path) -> tuple[list[str], str
         lines, summary = _policy_section(metrics)
         return [*lines, *_embed(folder, root)], summary
     if metrics is not None and "records" in metrics and "seed_accuracy" in metrics:
-        lines, summary = _label_section(metrics)
+        lines, summary = _label_section(metrics, folder)
         return [*lines, *_embed(folder, root)], summary
     if metrics is not None and isinstance(metrics.get("metrics"), dict) and "kind" in metrics:
         lines, summary = _verifier_section(metrics)

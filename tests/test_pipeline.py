@@ -155,3 +155,111 @@ def test_stage_names_must_be_plain(tmp_path, capsys, name):
     assert main(["pipeline", "--config", str(config)]) == 1
     assert "must be a plain name" in capsys.readouterr().err
     assert not any(tmp_path.parent.glob("*.running")) and not (tmp_path / "run/logs").exists()
+
+
+def test_run_dir_stands_for_the_pipelines_folder(tmp_path):
+    done = "${run_dir}/a/done.txt"
+    stage = {"name": "a", "command": ["python", "-c", _write(Path("${run_dir}/a/done.txt"), "x")], "output": done}
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "here"), "stages": [stage]}))
+    assert main(["pipeline", "--config", str(config)]) == 0
+    assert (tmp_path / "here" / "a" / "done.txt").read_text() == "x"
+    assert f"`{tmp_path / 'here' / 'a' / 'done.txt'}`" in (tmp_path / "here" / "report.md").read_text()
+
+
+def test_an_unknown_variable_is_named(tmp_path, capsys):
+    stage = {"name": "a", "command": ["python", "-c", "pass"], "output": "${runs}/x"}
+    assert main(["pipeline", "--config", str(_config(tmp_path, [stage]))]) == 1
+    assert "stage 'a': '${runs}/x': the only variable a pipeline knows is ${run_dir}" in capsys.readouterr().err
+
+
+def test_shipped_pipelines_run_pavlit_commands_only():
+    """`benchmarks/` is never a stage: what a pipeline runs is a pavlit command on a shipped config."""
+    repo = Path(__file__).resolve().parents[1]
+    for config in sorted((repo / "configs").glob("*/pipeline*.yaml")):
+        for stage in yaml.safe_load(config.read_text())["stages"]:
+            assert stage["command"][0] in {"fit", "label", "search", "compare"}, f"{config}: {stage['name']}"
+
+
+def _fake_run(root: Path, search_baseline: list[float]) -> list:
+    """The files the tiny pipeline's stages write, with made-up numbers (no training)."""
+    from pavlit.pipeline import Stage
+
+    def put(path: str, data) -> None:
+        file = root / path
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(data if isinstance(data, str) else json.dumps(data))
+
+    put("sft/policy/config.json", {})
+    put("sft/metrics.json", {"val/pass@1": 0.31, "val/pass@4": 0.55, "val/loss": 0.9, "global_step": 1000})
+    put("labels/metrics.json", {"problems": 200, "records": 950, "seed_rollouts": 200, "seed_accuracy": 0.3,
+                                "fraction_q_strictly_between_0_and_1": 0.42, "mean_q_mc": 0.35})  # fmt: skip
+    put("labels/trl_prm.jsonl", '{"labels": [0.5, 0.2, 0.6]}\n{"labels": [1.0]}\n{"labels": [1.0, 1.0]}\n')
+    for kind in ("orm", "pav"):
+        put(f"{kind}/verifier/pavlit_verifier.json", {})
+        metrics = {"val/bce": 0.5, "val/baseline_bce": 0.6, "val/auroc": 0.71, "train/loss": 0.4}
+        put(f"{kind}/metrics.json", {"kind": kind, "metrics": metrics, "data": {}})
+    budgets = [1, 4, 16]
+    points = [
+        {"line": line, "budget": b, "accuracy": acc, "ci_low": acc - 0.1, "ci_high": acc + 0.1, "tokens": 100.0 * b}
+        for line, accs in (("orm_bon", search_baseline), ("pav_beam", [0.3, 0.4, 0.5]))
+        for b, acc in zip(budgets, accs)
+    ]
+    efficiency = {"baseline": "orm_bon", "target": "pav_beam", "baseline_budget": 16,
+                  "baseline_accuracy": search_baseline[-1], "ratio": 4.0, "ratio_vs_first_reach": 2.0}  # fmt: skip
+    put("search/results.json", {"points": points, "efficiency": efficiency})
+    put("search/report.md", "# Test-time search\n\n| method | 95% CI |\n\n![plot](accuracy_vs_compute.png)\n")
+    put("search/accuracy_vs_compute.png", "png")
+    curves = {
+        name: {"label": label, "config": f"configs/tiny/{name}.yaml", "iterations": [0, 6, 12], "mean": mean,
+               "min": [m - 0.02 for m in mean], "max": [m + 0.02 for m in mean]}
+        for name, label, mean in (("pav", "PAV-RL", [0.3, 0.4, 0.45]), ("orm", "ORM-RL", [0.3, 0.33, 0.36]))
+    }  # fmt: skip
+    put("rl_compare/results.json", {"curves": curves, "seeds": [0], "baseline": "orm", "target": "pav",
+                                    "final_gap": 0.09, "sample_efficiency": {"ratio": 2.0}})  # fmt: skip
+    put("rl_compare/report.md", "# Evaluation curves over seeds\n\n![accuracy](accuracy_vs_iterations.png)\n")
+    outputs = {
+        "sft": "sft/policy/config.json",
+        "label": "labels/metrics.json",
+        "orm": "orm/verifier/pavlit_verifier.json",
+        "pav": "pav/verifier/pavlit_verifier.json",
+        "search": "search/results.json",
+        "rl": "rl_compare/results.json",
+        "rft": "rft/policy/config.json",  # never run
+    }
+    return [Stage(name, ["fit"], str(root / path)) for name, path in outputs.items()]
+
+
+def test_the_report_fills_every_stage_section(tmp_path):
+    from pavlit.pipeline_report import write_report
+
+    stages = _fake_run(tmp_path, search_baseline=[0.2, 0.3, 0.4])
+    report = write_report(tmp_path, stages, {"sft": 12.0}).read_text()
+    summary = report.split("\n")[2]
+    assert summary.startswith("Shown: SFT/RFT policy: pass@1 0.310, pass@4 0.550")
+    assert "950 step labels, 42% strictly inside (0, 1)" in summary
+    assert "PAV: validation BCE 0.5000, below the constant predictor's 0.6000" in summary
+    assert "(95% CIs overlap: not shown to differ)" in summary  # 0.4 ± 0.1 vs 0.5 ± 0.1
+    assert "compute-efficiency ratio 4.00× at the largest budget, 2.00× against where" in summary
+    assert "RL (1 seed): final validation accuracy PAV-RL 0.450 [0.430–0.470], ORM-RL 0.360" in summary
+    assert "Not shown: rft." in summary and "Paired per-problem differences" in summary
+    sft = report.split("## sft")[1].split("## label")[0]
+    assert "| val/pass@1 | 0.3100 |" in sft and "| val/pass@4 | 0.5500 |" in sft
+    label = report.split("## label")[1].split("## orm")[0]
+    assert "| share of labels strictly inside (0, 1) | 0.4200 |" in label
+    assert "| mean \\|ΔQ̂\\| between consecutive steps | 0.2333 (3 step pairs) |" in label  # (.3 + .4 + 0) / 3
+    orm = report.split("## orm")[1].split("## pav")[0]
+    assert "| bce | 0.5000 | 0.6000 |" in orm and "| auroc | 0.7100 | 0.5000 |" in orm
+    search = report.split("## search")[1].split("## rl")[0]
+    assert "### Test-time search" in search and "![plot](search/accuracy_vs_compute.png)" in search
+    assert "![accuracy](rl_compare/accuracy_vs_iterations.png)" in report
+    assert "Not run: `" in report.split("## rft")[1]
+
+
+def test_the_summary_quotes_no_ratio_against_a_baseline_that_degrades(tmp_path):
+    from pavlit.pipeline_report import write_report
+
+    stages = _fake_run(tmp_path, search_baseline=[0.45, 0.4, 0.35])
+    summary = write_report(tmp_path, stages, {}).read_text().split("\n")[2]
+    assert "`orm_bon` degrades with budget (best 0.450 at 1), so no compute-efficiency ratio is quoted" in summary
+    assert "4.00×" not in summary
