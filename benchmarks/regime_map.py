@@ -56,6 +56,7 @@ def _task(args: argparse.Namespace) -> CountdownTask:
 
 _FAILURE_KINDS = {
     "not of the form": "format",
+    "not numbers separated": "format",
     "is not among": "number not available",
     "is not a non-negative integer": "negative or fractional",
     "not a non-negative": "negative or fractional",

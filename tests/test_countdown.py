@@ -83,6 +83,7 @@ def test_every_solution_of_the_solver_is_valid_and_distinct():
         ("8+5=13 (left: 13 3 2)\n13*2=26 (left: 26 3)\nAnswer: 26\n", 2, "numbers 3 26 are left"),
         ("8+5=13 (left: 13 3)\n13*2=26 (left: 26 3)\n26+3=29 (left: 29)\nAnswer: 29\n", 0, "numbers left are 2 3 13"),
         ("8+5=13 left 13 3 2\n", 0, "not of the form"),
+        ("8+5=13 (left: 13 3-2)\n", 0, "not numbers separated by spaces"),
         ("8+5=13 (left: 13 3 2)\n13*2=26 (left: 26 3)\n26+3=29 (left: 29)\nAnswer: 29\n1+1=2 (left: 2)\n", 4, "after"),
     ],
 )

@@ -58,7 +58,8 @@ DIFFICULTIES = {1: (3, 15, 5, 50), 2: (4, 10, 10, 99), 3: (4, 20, 10, 199), 4: (
 _PROMPT_TEMPLATE = "Make {target} from {numbers}.\n"
 _ANSWER_TEMPLATE = "Answer: {answer}\n"
 _ANSWER_LINE = re.compile(r"^\s*Answer:")
-_STEP = re.compile(r"^\s*(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(-?\d+)\s*\(\s*left:\s*((?:-?\d+\s*)*)\)\s*$")
+_STEP = re.compile(r"^\s*(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(-?\d+)\s*\(\s*left:([-\d\s]*)\)\s*$")
+_INTEGER = re.compile(r"-?\d+")
 _PROMPT = re.compile(r"^Make (\d+) from ((?:\d+ ?)+)\.\s*$")
 
 
@@ -202,6 +203,8 @@ def _check_step(line: str, left: Counter) -> str:
     if match is None:
         return "not of the form 'a op b=c (left: ...)'"
     a, op, b, c = int(match.group(1)), match.group(2), int(match.group(3)), int(match.group(4))
+    if not all(_INTEGER.fullmatch(x) for x in match.group(5).split()):
+        return "the 'left' list is not numbers separated by spaces"
     shown = Counter(int(x) for x in match.group(5).split())
     needed = Counter([a, b])
     if any(left[x] < k for x, k in needed.items()):
