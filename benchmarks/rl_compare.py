@@ -1,5 +1,10 @@
 """PAV-RL vs ORM-RL at LM scale on the embedded default (PAPER.md §6, issue 6 item 3).
 
+The pipelines run the comparison as ``pavlit compare --config configs/tiny/rl_compare.yaml`` (each run a
+``pavlit fit`` of the shipped ``configs/tiny/rl.yaml`` / ``rl_orm.yaml``). This script is the measurement the
+README's RL numbers came from: it builds the modules itself from its own flags, evaluates on the **test** split
+(``pavlit compare`` reads the configs' validation split) and adds Pass@N before and after RL.
+
 Both methods start from the same policy (the RFT/SFT export), see the same prompts and draw the same number of
 rollouts per iteration; they differ only in the per-step weight: ``R + α·Â^μ − b`` with ``Â^μ`` from the frozen PAV
 through the Best-of-K prover (PAV-RL) or ``R − b`` (ORM-RL, α = 0). Accuracy (unbiased pass@1 from

@@ -331,7 +331,7 @@ def plot(path: Path, results: dict[str, Any]) -> None:
         ax.plot(curve["iterations"], curve["mean"], marker="o", label=curve["label"])
         ax.fill_between(curve["iterations"], curve["min"], curve["max"], alpha=0.2)
     ax.set_xlabel("iteration")
-    ax.set_ylabel(f"validation {results['metric']}")
+    ax.set_ylabel(f"val/{results['metric']}")
     ax.set_title(f"mean and min–max over {len(results['seeds'])} seed(s)")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -347,7 +347,8 @@ def render_report(results: dict[str, Any]) -> str:
     lines = [
         "# Evaluation curves over seeds",
         "",
-        f"Validation {results['metric']} (mean [min–max] over seeds {results['seeds']}), each run a `pavlit fit` of "
+        f"`val/{results['metric']}` at each evaluation (on the datamodule's `validation_split`; mean [min–max] over "
+        f"seeds {results['seeds']}), each run a `pavlit fit` of "
         + ", ".join(f"`{c['config']}` ({c['label']})" for c in curves.values())
         + ".",
         "",

@@ -170,15 +170,14 @@ def _compare_summary(results: dict[str, Any]) -> str:
     finals = ", ".join(
         f"{c['label']} {c['mean'][-1]:.3f} [{c['min'][-1]:.3f}–{c['max'][-1]:.3f}]" for c in curves.values()
     )
-    text = f"RL ({seeds} seed{'s' * (seeds != 1)}): final validation accuracy {finals}"
+    text = f"RL ({seeds} seed{'s' * (seeds != 1)}): final {results.get('metric', 'accuracy')} {finals}"
     if "sample_efficiency" in results:
-        e = results["sample_efficiency"]
-        text += f", gap {results['final_gap']:+.3f}; sample efficiency " + (
-            "n/a" if e["ratio"] is None else f"{e['ratio']:.2f}×"
-        )
+        text += f", gap {results['final_gap']:+.3f}"
         ranges = [curves[results[k]] for k in ("baseline", "target")]
         if ranges[0]["max"][-1] >= ranges[1]["min"][-1] and ranges[1]["max"][-1] >= ranges[0]["min"][-1]:
-            text += " (the seeds' final ranges overlap)"
+            text += " (inside the seeds' min–max: not shown to differ)"
+        e = results["sample_efficiency"]
+        text += "; sample efficiency " + ("n/a" if e["ratio"] is None else f"{e['ratio']:.2f}×")
     return text
 
 

@@ -241,7 +241,8 @@ def test_the_report_fills_every_stage_section(tmp_path):
     assert "PAV: validation BCE 0.5000, below the constant predictor's 0.6000" in summary
     assert "(95% CIs overlap: not shown to differ)" in summary  # 0.4 ± 0.1 vs 0.5 ± 0.1
     assert "compute-efficiency ratio 4.00× at the largest budget, 2.00× against where" in summary
-    assert "RL (1 seed): final validation accuracy PAV-RL 0.450 [0.430–0.470], ORM-RL 0.360" in summary
+    assert "RL (1 seed): final accuracy PAV-RL 0.450 [0.430–0.470], ORM-RL 0.360 [0.340–0.380], gap +0.090;" in summary
+    assert "sample efficiency 2.00×" in summary and "not shown to differ)" not in summary.split("RL (")[1]
     assert "Not shown: rft." in summary and "Paired per-problem differences" in summary
     sft = report.split("## sft")[1].split("## label")[0]
     assert "| val/pass@1 | 0.3100 |" in sft and "| val/pass@4 | 0.5500 |" in sft
