@@ -1,24 +1,16 @@
 """``pavlit compare``: run fit configs over seeds, each a real ``pavlit fit``, and compare their evaluation curves.
 
-The RL comparison of the method (PAV-RL vs ORM-RL) is two shipped configs, ``configs/tiny/rl.yaml`` and
-``rl_orm.yaml``, each fitted once per seed::
+The RL comparison of the method (PAV-RL vs ORM-RL) is the shipped ``configs/tiny/rl.yaml`` and ``rl_orm.yaml``,
+each fitted once per seed (``configs/tiny/rl_compare.yaml``: ``methods: [{name: pav, label: PAV-RL, config:
+configs/tiny/rl.yaml}, ...]``, ``seeds: [0, 1, 2]``, ``baseline: orm``, ``target: pav``).
 
-    # pavlit-command: compare
-    output_dir: runs/tiny/rl_compare
-    methods:
-      - {name: pav, label: PAV-RL, config: configs/tiny/rl.yaml}
-      - {name: orm, label: ORM-RL, config: configs/tiny/rl_orm.yaml}
-    seeds: [0, 1, 2]
-    baseline: orm
-    target: pav
-
-Every run is ``pavlit fit --config <config> <args> <method args> --seed_everything S --model.init_args.seed S
---data.init_args.seed S --trainer.default_root_dir <output_dir>/runs/<name>-<S>`` (the keys of ``seed_keys``), in
-its own process and run folder, so what is compared is exactly what the configs train. Its evaluation curve is
-the ``history`` the module writes into the run's ``metrics.json`` (:class:`~pavlit.modules.rl.PolicyRLModule`
-logs ``val/accuracy`` every ``trainer.val_check_interval`` iterations and keeps each evaluation there); with
-``initial_eval`` a ``pavlit validate`` of the same command line first measures iteration 0 (the initial policy,
-on the same evaluation draws as the fit's evaluations of that seed).
+Every run is ``pavlit fit --config <config> <method's args> <args> <method_args> --seed_everything S
+--model.init_args.seed S --data.init_args.seed S --trainer.default_root_dir <output_dir>/runs/<name>-<S>`` (the keys
+of ``seed_keys``), in its own process and run folder, so what is compared is exactly what the configs train. Its
+evaluation curve is the ``history`` the module writes into the run's ``metrics.json``
+(:class:`~pavlit.modules.rl.PolicyRLModule` logs ``val/accuracy`` every ``trainer.val_check_interval`` iterations
+and keeps each evaluation there); with ``initial_eval`` a ``pavlit validate`` of the same command line first
+measures iteration 0 (the initial policy, on the same evaluation draws as the fit's evaluations of that seed).
 
 Resuming: a finished run (``compare.json`` says ``finished`` and its ``metrics.json`` exists) is kept and skipped;
 an interrupted fit resumes from its own ``resume.ckpt``; a run folder whose recorded command line differs from
@@ -40,12 +32,12 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pavlit.labeling.shards import atomic_write_text
-from pavlit.pipeline import die_with_parent
+from pavlit.pipeline import die_with_parent, rebase_config
 
 __all__ = ["CompareMethod", "compare", "compare_command", "first_reaching", "sample_efficiency", "summarise"]
 
@@ -84,6 +76,7 @@ def compare(
     target: str | None = None,
     initial_eval: bool = True,
     metric: str = "accuracy",
+    rebase: dict[str, str] = {},  # noqa: B006
 ) -> dict[str, Any]:
     """Fit every method's config once per seed (finished runs kept), then write the comparison.
 
@@ -100,6 +93,9 @@ def compare(
         target: Method whose iterations to reach it are counted (e.g. PAV-RL).
         initial_eval: Measure iteration 0 with ``pavlit validate`` on the same command line.
         metric: Key of the ``history`` rows compared (``accuracy``: the module's ``val/accuracy``).
+        rebase: Run folders to move (``{runs/tiny: runs/pipeline}``): each fit then runs a copy of its config,
+            ``<output_dir>/configs/<name>.yaml``, with every path under a key moved under its value (what
+            ``pavlit pipeline`` sets when its stage configs name another run folder).
 
     Returns:
         The ``results.json`` content (``{}`` when no seed is finished by every method yet).
@@ -124,8 +120,13 @@ def compare(
         raise ValueError(f"seeds: expected distinct integers, got {seeds}")
     out = Path(output_dir)
     start = time.perf_counter()
+    runnable = methods
+    if rebase:
+        runnable = [
+            replace(m, config=rebase_config(m.config, rebase, out / "configs" / f"{m.name}.yaml")) for m in methods
+        ]
     for seed in seeds:
-        for method in methods:
+        for method in runnable:
             if only is None or method.name in only:
                 run_method(out, method, seed, [*args, *method_args.get(method.name, [])], seed_keys, initial_eval)
     results = summarise(out, methods, baseline, target, metric)

@@ -90,13 +90,22 @@ class Stage:
     parallel: bool = False
 
 
-def pipeline(run_dir: str, stages: list[Stage], shared_args: dict[str, list[str]] | None = None) -> Path:
+def pipeline(
+    run_dir: str,
+    stages: list[Stage],
+    shared_args: dict[str, list[str]] | None = None,
+    configs_run_dir: str | None = None,
+) -> Path:
     """Run ``stages`` in order, skipping finished ones, then write ``<run_dir>/report.md``.
 
     Args:
         run_dir: Where the pipeline's logs and the combined report go.
         stages: The stages, in order.
         shared_args: Extra arguments appended to every stage whose command starts with the key.
+        configs_run_dir: The run folder the stage configs name (``runs/tiny``). When it is not ``run_dir``, each
+            stage runs a copy of its ``--config`` files (``<run_dir>/configs/<stage>/``) in which every path under
+            it is under ``run_dir`` instead (and a ``compare`` stage rebases its fit configs the same way), so one
+            set of shipped configs serves every run folder.
 
     Returns:
         The path of the combined report.
@@ -118,6 +127,8 @@ def pipeline(run_dir: str, stages: list[Stage], shared_args: dict[str, list[str]
     stages = resolve_run_dir(stages, run_dir)
     root = Path(run_dir)
     (root / "logs").mkdir(parents=True, exist_ok=True)
+    if configs_run_dir is not None and os.path.normpath(configs_run_dir) != os.path.normpath(run_dir):
+        stages = [_rebase_stage(stage, {configs_run_dir: run_dir}, root / "configs" / stage.name) for stage in stages]
     shared_args = shared_args or {}
     timings: dict[str, Any] = {}
     for group in _parallel_groups(stages):
@@ -173,6 +184,51 @@ def resolve_run_dir(stages: list[Stage], run_dir: str) -> list[Stage]:
         )
         for stage in stages
     ]
+
+
+def rebase_config(source: str, mapping: dict[str, str], target: Path, extra: dict[str, Any] | None = None) -> str:
+    """Write a copy of the YAML ``source`` to ``target`` with every string that is a key of ``mapping``, or a path
+    under one, moved under its value (``runs/tiny/sft/policy`` → ``runs/pipeline/sft/policy``); ``extra`` keys set
+    on top. Returns ``target`` as a string."""
+    import yaml
+
+    prefixes = {old.rstrip("/"): new.rstrip("/") for old, new in mapping.items()}
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: walk(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [walk(item) for item in value]
+        if isinstance(value, str):
+            for old, new in prefixes.items():
+                if value == old or value.startswith(old + "/"):
+                    return new + value[len(old) :]
+        return value
+
+    data = walk(yaml.safe_load(Path(source).read_text(encoding="utf-8")))
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a YAML mapping of config keys")
+    data.update(extra or {})
+    moved = ", ".join(f"{old} -> {new}" for old, new in prefixes.items())
+    header = f"# Written by pavlit from {source}, its paths moved ({moved}).\n"
+    atomic_write_text(target, header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    return str(target)
+
+
+def _rebase_stage(stage: Stage, mapping: dict[str, str], folder: Path) -> Stage:
+    """``stage`` running rebased copies of its ``--config`` files (a nested ``pipeline`` stage is left alone)."""
+    if stage.command[0] == "pipeline":
+        return stage
+    extra = {"rebase": mapping} if stage.command[0] == "compare" else None
+    command = list(stage.command)
+    for index, arg in enumerate(command):
+        if arg == "--config" and index + 1 < len(command):
+            source = command[index + 1]
+            command[index + 1] = rebase_config(source, mapping, folder / Path(source).name, extra)
+        elif arg.startswith("--config="):
+            source = arg.split("=", 1)[1]
+            command[index] = "--config=" + rebase_config(source, mapping, folder / Path(source).name, extra)
+    return replace(stage, command=command)
 
 
 def _parallel_groups(stages: list[Stage]) -> list[list[tuple[int, Stage]]]:
@@ -279,7 +335,7 @@ def pipeline_command(argv: list[str]) -> int:
     try:
         check_no_recursion(resolve_run_dir(init.stages, init.run_dir), configs, stack)
         os.environ[STACK_ENV] = os.pathsep.join([*stack, *configs])
-        pipeline(init.run_dir, init.stages, init.shared_args)
+        pipeline(init.run_dir, init.stages, init.shared_args, init.configs_run_dir)
     except (RuntimeError, ValueError) as err:
         print(f"pavlit pipeline: error: {err}", file=sys.stderr)
         return 1

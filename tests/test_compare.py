@@ -135,6 +135,19 @@ def test_bad_settings_are_one_clear_error(tmp_path, kwargs, message):
         compare(str(tmp_path), _methods(), **kwargs)
 
 
+def test_rebase_runs_copies_of_the_configs_with_moved_paths(tmp_path, fake_fits):
+    source = tmp_path / "fit.yaml"
+    source.write_text(yaml.safe_dump({"trainer": {"default_root_dir": "runs/a/x"}, "other": ["runs/ab", "runs/a"]}))
+    method = CompareMethod("m", str(source), args=[CURVE_ARG, "1"])
+    compare(str(tmp_path / "out"), [method], initial_eval=False, rebase={"runs/a": "runs/b"})
+    copy = tmp_path / "out" / "configs" / "m.yaml"
+    assert fake_fits.commands[0][:3] == ["fit", "--config", str(copy)]
+    assert yaml.safe_load(copy.read_text()) == {
+        "trainer": {"default_root_dir": "runs/b/x"},
+        "other": ["runs/ab", "runs/b"],
+    }
+
+
 def test_a_missing_config_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"methods: x: config .*nothere.yaml does not exist"):
         compare(str(tmp_path), [CompareMethod("x", str(tmp_path / "nothere.yaml"))])
@@ -151,21 +164,25 @@ def test_sample_efficiency_says_why_there_is_no_ratio():
 
 
 def test_the_pipeline_rl_stage_runs_fit_lines_that_parse(tmp_path, monkeypatch):
-    """Every fit the tiny pipeline's compare stage would run parses through the CLI (a renamed key fails here)."""
-    monkeypatch.setattr(sys, "argv", ["pavlit"])
+    """Every fit the tiny pipeline's compare stage would run (configs rebased into the pipeline's run folder, as
+    `pavlit pipeline` and `compare` do) parses through the CLI with the paths of that run folder."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from pavlit.cli import PavlitCLI
-    from pavlit.pipeline import Stage, resolve_run_dir
+    from pavlit.pipeline import Stage, _rebase_stage, rebase_config, resolve_run_dir
 
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["pavlit"])
     config = yaml.safe_load((REPO / "configs" / "tiny" / "pipeline.yaml").read_text())
+    mapping = {config["configs_run_dir"]: config["run_dir"]}
     stages = resolve_run_dir([Stage(**s) for s in config["stages"]], config["run_dir"])
-    stage = next(s for s in stages if s.name == "rl")
+    stage = _rebase_stage(next(s for s in stages if s.name == "rl"), mapping, tmp_path / "stage")
     parser = ArgumentParser(parser_mode="yaml")
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(compare)
-    cfg = parser.instantiate_classes(parser.parse_args(stage.command[1:]))
-    methods = [CompareMethod(**vars(m)) if not isinstance(m, CompareMethod) else m for m in cfg.methods]
+    cfg = parser.parse_args(stage.command[1:])
+    assert cfg.rebase == {"runs/tiny": "runs/pipeline"} and cfg.output_dir == "runs/pipeline/rl_compare"
+    methods = [CompareMethod(**dict(m)) for m in cfg.methods]
     assert [m.config for m in methods] == ["configs/tiny/rl.yaml", "configs/tiny/rl_orm.yaml"]
 
     class ParseOnly(PavlitCLI):
@@ -176,9 +193,9 @@ def test_the_pipeline_rl_stage_runs_fit_lines_that_parse(tmp_path, monkeypatch):
             pass
 
     for method in methods:
-        extra = [*cfg.args, *cfg.method_args.get(method.name, [])]
-        command = compare_module.fit_command(method, 0, extra, cfg.seed_keys, tmp_path / method.name)
-        cli = ParseOnly(args=[str(REPO / a) if a.startswith("configs/") else a for a in command[1:]], run=False)
+        copy = CompareMethod(method.name, rebase_config(method.config, cfg.rebase, tmp_path / f"{method.name}.yaml"))
+        command = compare_module.fit_command(copy, 0, cfg.args, cfg.seed_keys, tmp_path / method.name)
+        cli = ParseOnly(args=command[1:], run=False)
         init = cli.config.model.init_args
         assert init.policy.init_args.path == "runs/pipeline/sft/policy" and init.seed == 0
         assert cli.config.trainer.max_steps == 12 and cli.config.data.init_args.batch_size == 8

@@ -167,6 +167,25 @@ def test_run_dir_stands_for_the_pipelines_folder(tmp_path):
     assert f"`{tmp_path / 'here' / 'a' / 'done.txt'}`" in (tmp_path / "here" / "report.md").read_text()
 
 
+def test_configs_run_dir_runs_copies_of_stage_configs_in_the_run_folder(tmp_path, monkeypatch):
+    stage_config = tmp_path / "stage.yaml"
+    stage_config.write_text("# pavlit-command: label\noutput_dir: runs/tiny/labels\npolicy: {path: runs/tiny/sft}\n")
+    done = tmp_path / "seen.yaml"
+    copy = "import shutil, sys; shutil.copy(sys.argv[2], sys.argv[3])"
+    stage = {
+        "name": "s",
+        "command": ["python", "-c", copy, "--config", str(stage_config), str(done)],
+        "output": str(done),
+    }
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": "runs/x", "configs_run_dir": "runs/tiny", "stages": [stage]}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["pipeline", "--config", str(config)]) == 0
+    assert yaml.safe_load(done.read_text()) == {"output_dir": "runs/x/labels", "policy": {"path": "runs/x/sft"}}
+    assert done.read_text().startswith(f"# Written by pavlit from {stage_config}")
+    assert "runs/tiny" in stage_config.read_text()  # the shipped config itself is left alone
+
+
 def test_an_unknown_variable_is_named(tmp_path, capsys):
     stage = {"name": "a", "command": ["python", "-c", "pass"], "output": "${runs}/x"}
     assert main(["pipeline", "--config", str(_config(tmp_path, [stage]))]) == 1
