@@ -174,7 +174,8 @@ class VLLMBackend(SamplerBackend):
 def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The plain (adapter-free) weights of ``model`` as a Hugging Face state dict; LoRA adapters merged in.
 
-    The model itself is left as it was (adapters are merged into a copy of the affected weights only).
+    A peft model has its adapters merged, the merged weights copied and the adapters unmerged again (the module's
+    outputs change by float round-off only). A plain model's tensors are returned as they are, not copied.
     """
     if not hasattr(model, "merge_adapter"):
         return {name: tensor.detach() for name, tensor in model.state_dict().items()}
