@@ -9,7 +9,7 @@ A run lasts up to ``--iterations`` and stops early once its accuracy has held â‰
 evaluation of the last ``--hold`` iterations (and it has run ``--min-iterations``); the report says which runs
 stopped so, and curves are carried forward at their last evaluation after a stop.
 
-    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/didactic_sweep.py --out runs/didactic
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/didactic_sweep.py --out runs/didactic_masked --docs docs
 
 Every finished run is appended to ``runs.jsonl`` at once (and each seed's SFT/Theorem 3.1 row to ``sft.jsonl``),
 so an interrupted sweep resumes where it stopped when started again with the same ``--out`` and settings
@@ -71,12 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/didactic")
     parser.add_argument("--gammas", type=float, nargs="+", default=[float(g) for g in GAMMAS])
-    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=3000, help="most RL iterations of a run")
     parser.add_argument("--min-iterations", type=int, default=300, help="no early stop before this")
     parser.add_argument("--hold", type=int, default=200, help="stop once accuracy held the threshold this long")
     parser.add_argument("--hold-threshold", type=float, default=0.9)
-    parser.add_argument("--head", choices=("per_position", "masked", "shared"), default="per_position")
+    parser.add_argument("--head", choices=("masked", "per_position", "shared"), default="masked")
     parser.add_argument("--no-alpha0", action="store_true", help="skip the Î± = 0 runs")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--advantage-source", choices=("exact", "mc"), default="exact")
@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-rollouts", type=int, default=512)
     parser.add_argument("--sgd-gammas", type=float, nargs="*", default=[5.0, 10.0, 50.0], help="empty: no SGD")
     parser.add_argument("--sgd-lr", type=float, default=1.0)
-    parser.add_argument("--sgd-seeds", type=int, default=3)
+    parser.add_argument("--sgd-seeds", type=int, default=2)
     parser.add_argument("--sgd-iterations", type=int, default=1500)
     parser.add_argument("--theory-rollouts", type=int, default=32)
     parser.add_argument("--theory-mc", type=int, default=32)
@@ -260,7 +260,7 @@ def plot(out: Path, results: dict[str, Any]) -> list[str]:
     gammas = sorted({r["gamma"] for r in adam if r["alpha"] != 0})
     horizon = max(r["iterations_run"] for r in adam)
     if orm:
-        reached = [r["iters_accuracy_0.9"] for r in orm if r["iters_accuracy_0.9"] is not None]
+        reached = [r[k] for r in orm for k in ("iters_accuracy_0.5", "iters_accuracy_0.9") if r[k] is not None]
         horizon = min(horizon, int(1.15 * max(reached)) + settings["eval_every"]) if reached else horizon
     horizon = max(horizon, settings["min_iterations"])
     steps = list(range(0, horizon + 1, settings["eval_every"]))

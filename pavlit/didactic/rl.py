@@ -212,9 +212,10 @@ class DidacticRLModule(LightningModule):
             ``init_args: {lr: ...}``); default Adam with its default learning rate 1e-3 (PAPER.md §7).
         hidden_size: Width of the MLP's hidden layers.
         n_layers: Number of hidden layers.
-        head: The policy's output layer: ``"per_position"`` (default; logits of each position from parameters of
-            their own), ``"masked"`` (a masked autoregressive MLP) or ``"shared"`` (one output layer for every
-            position: the ablation that fails at γ ≥ 10, see :mod:`pavlit.didactic.policy`).
+        head: The policy's output layer: ``"masked"`` (default; a masked autoregressive MLP, each position's
+            logits from parameters of their own), ``"per_position"`` (a shared trunk with one output block per
+            position) or ``"shared"`` (one output layer for every position: the ablation that fails at γ ≥ 10,
+            see :mod:`pavlit.didactic.policy`).
         sft_gamma: The prover whose samples the SFT fits.
         sft_samples: Number of SFT samples.
         sft_iterations: SFT optimiser steps (Adam, batch ``sft_batch_size``); 0 skips SFT.
@@ -238,7 +239,7 @@ class DidacticRLModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         hidden_size: int = 128,
         n_layers: int = 3,
-        head: Literal["per_position", "masked", "shared"] = "per_position",
+        head: Literal["masked", "per_position", "shared"] = "masked",
         sft_gamma: float = 5.0,
         sft_samples: int = 3200,
         sft_iterations: int = 50,
