@@ -28,6 +28,11 @@ them), and shows the result first in the ``left`` list followed by the untouched
 reference solution of a problem (the SFT target) is drawn **uniformly among its distinct solutions**, so the
 policy learns several ways to start, not one canonical order.
 
+Measured with the tiny policy (4 layers, width 128, 1000 SFT steps of batch 32 on 4,000 problems; README
+"Countdown"): at ``difficulty=1`` pass@1 0.17, pass@16 0.81, 5.7 distinct first steps among 8 samples with 61% of
+states offering both a reachable and a dead-end one; at ``difficulty=2`` pass@1 0.01 (it picks openings about as a
+random valid step would, then fakes the last line's arithmetic to land on the target).
+
 ``difficulty`` sets the count of numbers, their range and the target range (each can be overridden):
 
 ========== ======= ========= ========== ====================
