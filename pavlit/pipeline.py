@@ -5,21 +5,25 @@ every stage can also be run alone), plus the file whose existence means the stag
 
     # pavlit-command: pipeline
     run_dir: runs/pipeline
+    configs_run_dir: runs/tiny
     stages:
       - name: sft
-        command: [fit, --config, configs/tiny/sft.yaml, --trainer.default_root_dir, "${run_dir}/sft"]
+        command: [fit, --config, configs/tiny/sft.yaml]
         output: ${run_dir}/sft/policy/config.json
       - name: label
-        command: [label, --config, configs/tiny/label.yaml, --policy.init_args.path, "${run_dir}/sft/policy",
-                  --output_dir, "${run_dir}/labels"]
+        command: [label, --config, configs/tiny/label.yaml, --num_problems, "200"]
         output: ${run_dir}/labels/metrics.json
       - name: rl
         command: [compare, --config, configs/tiny/rl_compare.yaml, --output_dir, "${run_dir}/rl_compare"]
         output: ${run_dir}/rl_compare/results.json
 
-``${run_dir}`` in a stage's command, ``output`` or ``report`` is the pipeline's ``run_dir``, so one shipped stage
-config serves every pipeline, its paths set on the command line. The RL stage is ``pavlit compare`` over the
-shipped RL configs (:mod:`pavlit.compare`): a pipeline runs pavlit commands only, never a benchmark script.
+Paths: ``${run_dir}`` in a stage's command, ``output`` or ``report`` is the pipeline's ``run_dir``. The stage
+configs above name ``runs/tiny/...`` (where they write and read when run alone); ``configs_run_dir: runs/tiny``
+makes each stage run a copy of its ``--config`` files, ``<run_dir>/configs/<stage>/``, with every path under
+``runs/tiny`` moved under ``run_dir`` (a ``compare`` stage moves its fit configs' paths too), so one set of shipped
+configs serves every run folder and no stage config exists only to repoint paths. The RL stage is ``pavlit
+compare`` over the shipped RL configs (:mod:`pavlit.compare`): a pipeline runs pavlit commands only, never a
+benchmark script.
 
 A finished stage is skipped on a rerun, so rerunning the command after an interruption resumes (stages that
 resume internally, like ``label``, ``search`` and ``fit``, also keep their own finished chunks and checkpoints).

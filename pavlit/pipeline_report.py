@@ -154,6 +154,8 @@ def _search_summary(results: dict[str, Any]) -> str:
             f"; `{eff['baseline']}` degrades with budget (best {best['accuracy']:.3f} at {best['budget']}), so no "
             "compute-efficiency ratio is quoted here (see the search section for both)"
         )
+    elif eff.get("baseline_solves_nothing"):
+        text += f"; `{eff['baseline']}` solves nothing at its largest budget: no compute-efficiency ratio"
     elif eff.get("ratio") is None:
         text += f"; `{eff['target']}` does not reach `{eff['baseline']}`'s final accuracy: no compute-efficiency ratio"
     else:

@@ -283,3 +283,14 @@ def test_the_summary_quotes_no_ratio_against_a_baseline_that_degrades(tmp_path):
     summary = write_report(tmp_path, stages, {}).read_text().split("\n")[2]
     assert "`orm_bon` degrades with budget (best 0.450 at 1), so no compute-efficiency ratio is quoted" in summary
     assert "4.00×" not in summary
+
+
+def test_the_summary_says_when_the_search_baseline_solves_nothing(tmp_path):
+    from pavlit.pipeline_report import write_report
+
+    stages = _fake_run(tmp_path, search_baseline=[0.0, 0.0, 0.0])
+    results = json.loads((tmp_path / "search" / "results.json").read_text())
+    results["efficiency"].update(baseline_solves_nothing=True, ratio=None)
+    (tmp_path / "search" / "results.json").write_text(json.dumps(results))
+    summary = write_report(tmp_path, stages, {}).read_text().split("\n")[2]
+    assert "`orm_bon` solves nothing at its largest budget: no compute-efficiency ratio" in summary
