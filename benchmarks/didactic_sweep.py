@@ -1,4 +1,4 @@
-"""The didactic RL sweep of PAPER.md §7: γ × α × seeds with Adam (and a smaller plain-SGD diagnostic).
+"""The didactic RL sweep of docs/method.md §7: γ × α × seeds with Adam (and a smaller plain-SGD diagnostic).
 
 Every run fine-tunes the MLP policy on the γ = 5 prover (identical for all runs of one seed), then runs REINFORCE
 on ``R + α·A^μ_γ`` through :class:`pavlit.didactic.rl.DidacticRLModule` and a Lightning ``Trainer``. α = 0 does
@@ -357,7 +357,7 @@ def spearman(x: list[float], y: list[float]) -> float:
 def write_report(out: Path, results: dict[str, Any]) -> None:
     settings, summary = results["settings"], results["summary"]
     lines = [
-        "# Didactic RL sweep (PAPER.md §7)",
+        "# Didactic RL sweep (docs/method.md §7)",
         "",
         f"Planted task (length 10, vocab 15, target [3, 6, 0, 3, 5]); MLP 3 × 128 with a **{settings['head']}** "
         f"output head; SFT 50 Adam steps (lr 1e-3, batch 64) on 3,200 γ = 5 prover samples; RL: up to "

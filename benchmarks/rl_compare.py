@@ -1,4 +1,4 @@
-"""PAV-RL vs ORM-RL at LM scale on the embedded default (PAPER.md §6, issue 6 item 3).
+"""PAV-RL vs ORM-RL at LM scale on the embedded default (docs/method.md §6, issue 6 item 3).
 
 The pipelines run the comparison as ``pavlit compare --config configs/tiny/rl_compare.yaml`` (each run a
 ``pavlit fit`` of the shipped ``configs/tiny/rl.yaml`` / ``rl_orm.yaml``). This script is the measurement the
@@ -313,7 +313,7 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
         f"(pass@1 {before['pass@1']:.3f}); after PAV-RL {after['pav'][f'pass@{n}']:.3f} "
         f"(pass@1 {after['pav']['pass@1']:.3f}), after ORM-RL {after['orm'][f'pass@{n}']:.3f} "
         f"(pass@1 {after['orm']['pass@1']:.3f}) (seed means).",
-        "- Paper (Gemma 2B/9B, PAPER.md §6): 5–6× sample efficiency and > 6 points over ORM-RL.",
+        "- Paper (Gemma 2B/9B, docs/method.md §6): 5–6× sample efficiency and > 6 points over ORM-RL.",
         "",
         "Runs: " + "; ".join(f"{LABELS[r['method']]} seed {r['seed']} {r['wall_s']:.0f} s" for r in results["runs"]),
         "",

@@ -57,7 +57,7 @@ class Task(ABC):
     """A source of problems with a binary checker ``Rex(response) ∈ {0, 1}``.
 
     Attributes:
-        step_delimiter: The text that ends a step (PAPER.md §1: a step is one line).
+        step_delimiter: The text that ends a step (docs/method.md §1: a step is one line).
     """
 
     step_delimiter: ClassVar[str] = "\n"
@@ -83,7 +83,7 @@ class Task(ABC):
 
 
 class Prover(ABC):
-    """The prover policy ``μ`` that defines process rewards as advantages ``A^μ`` (PAPER.md §2).
+    """The prover policy ``μ`` that defines process rewards as advantages ``A^μ`` (docs/method.md §2).
 
     A prover answers one question: given step prefixes and the base policy's values ``Q^π`` on them,
     what are the prover's values ``Q^μ``? Advantages then follow as consecutive differences
@@ -132,7 +132,7 @@ class RewardScores:
 
 
 class Reward(ABC):
-    """A reward composition: scores step prefixes for test-time search (PAPER.md §5).
+    """A reward composition: scores step prefixes for test-time search (docs/method.md §5).
 
     A prefix is the list of steps so far (each keeping its delimiter, as :func:`pavlit.steps.split_steps`
     returns them); the empty list is the question-only prefix. ``problems[i]`` is the problem of

@@ -1,4 +1,4 @@
-"""Online RL with dense process rewards (PAPER.md §6): the maths as pure tensor functions, and advantage sources.
+"""Online RL with dense process rewards (docs/method.md §6): the maths as pure tensor functions, and advantage sources.
 
 REINFORCE weights every token of step ``h`` of a rollout with
 
@@ -18,7 +18,7 @@ rollout; the module takes consecutive differences (:func:`pavlit.values.advantag
 
 * :class:`PAVAdvantages` — a frozen, trained process verifier and a prover transform (Best-of-K by default);
 * :class:`MCAdvantages` — direct Monte-Carlo rollouts of the Best-of-K prover of the current policy, or of a fixed
-  model (PAPER.md §6, open question 2).
+  model (docs/method.md §6, open question 2).
 """
 
 from __future__ import annotations
@@ -288,7 +288,7 @@ class AdvantageSource(ABC):
 
 
 class PAVAdvantages(AdvantageSource):
-    """``Q^μ`` from a frozen process verifier (``PAVModule``) through a prover (PAPER.md §6, the paper's setup).
+    """``Q^μ`` from a frozen process verifier (``PAVModule``) through a prover (docs/method.md §6, the paper's setup).
 
     Args:
         verifier_path: A folder written by ``PAVModule.save_pretrained`` (e.g. ``runs/tiny/pav/verifier``).

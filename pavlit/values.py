@@ -1,4 +1,4 @@
-"""Value maths of PAPER.md §2–§3 as pure, batched, masked tensor functions.
+"""Value maths of docs/method.md §2–§3 as pure, batched, masked tensor functions.
 
 Shapes follow one convention: a response with ``H`` steps has ``H + 1`` prefix values ``values[..., 0..H]``,
 where ``values[..., 0]`` is the question-only prefix (h = 0) and ``values[..., h]`` the prefix that ends with
@@ -68,7 +68,7 @@ def mc_estimate(n_correct: TensorLike, n_rollouts: TensorLike) -> torch.Tensor:
 
 
 def best_of_k(q: TensorLike, k: TensorLike) -> torch.Tensor:
-    """Value of the Best-of-K prover: ``1 − (1 − q)^k`` (PAPER.md §2).
+    """Value of the Best-of-K prover: ``1 − (1 − q)^k`` (docs/method.md §2).
 
     Computed as a power (not ``expm1``/``log1p``) so that gradients stay finite at ``q = 1``.
 
@@ -133,7 +133,7 @@ def _step_mask(mask: torch.Tensor | None, n_values: int) -> torch.Tensor | None:
 
 
 def advantages(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-step advantages as consecutive differences of prefix values (PAPER.md §1–§2).
+    """Per-step advantages as consecutive differences of prefix values (docs/method.md §1–§2).
 
     ``A(s_h, a_h) = V(prefix_h) − V(prefix_{h−1})``, i.e. ``values[..., 1:] − values[..., :-1]``.
 
@@ -161,7 +161,7 @@ def advantages(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.
 
 
 def effective_reward(q_pi: TensorLike, a_mu: TensorLike, alpha: TensorLike) -> torch.Tensor:
-    """The effective reward ``Q^π + α · A^μ`` used by search and RL (PAPER.md §2).
+    """The effective reward ``Q^π + α · A^μ`` used by search and RL (docs/method.md §2).
 
     Args:
         q_pi: ``Q^π`` of the step (or the rollout's outcome), in [0, 1].
@@ -180,7 +180,7 @@ def effective_reward(q_pi: TensorLike, a_mu: TensorLike, alpha: TensorLike) -> t
 
 
 def first_pit(q: torch.Tensor, mask: torch.Tensor | None = None, threshold: float = 0.0) -> torch.Tensor:
-    """Index of the first step whose prefix value is ``≤ threshold`` (PAPER.md §3, first-pit seeding).
+    """Index of the first step whose prefix value is ``≤ threshold`` (docs/method.md §3, first-pit seeding).
 
     Args:
         q: ``[..., H+1]`` prefix values (column 0, the question-only prefix, is never a pit).
@@ -230,7 +230,7 @@ def _mean_over_states(per_state: torch.Tensor, group_weight: torch.Tensor) -> to
 
 
 def distinguishability(a_mu: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``E_s Var_{a~π}[A^μ(s, a)]`` from grouped rollouts (PAPER.md §2, Theorem 3.1).
+    """``E_s Var_{a~π}[A^μ(s, a)]`` from grouped rollouts (docs/method.md §2, Theorem 3.1).
 
     The variance is the **population** variance of each group (divide by the group's weight, not weight − 1):
     exact when a group enumerates every action with its probability as weight, and biased by ``(N − 1) / N``
@@ -256,7 +256,7 @@ def distinguishability(a_mu: torch.Tensor, mask: torch.Tensor | None = None) -> 
 
 
 def alignment(a_mu: torch.Tensor, a_pi: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``E_s E_{a~π}[A^μ(s, a) · A^π(s, a)]`` from grouped rollouts (PAPER.md §2, Theorem 3.1).
+    """``E_s E_{a~π}[A^μ(s, a) · A^π(s, a)]`` from grouped rollouts (docs/method.md §2, Theorem 3.1).
 
     Args:
         a_mu: ``[..., S, N]`` prover advantages.

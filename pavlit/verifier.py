@@ -100,7 +100,7 @@ def masked_bce_with_logits(
 
 
 def balance_weights(n_low: int, n_high: int) -> tuple[float, float]:
-    """Per-label weights that give the two classes (q < 0.5, q ≥ 0.5) equal total weight (PAPER.md §4).
+    """Per-label weights that give the two classes (q < 0.5, q ≥ 0.5) equal total weight (docs/method.md §4).
 
     ``w_c = N / (2 · n_c)``: the weights average to 1 over the data, and each class then carries half of the loss,
     which is what class-balanced sampling gives in expectation. A class that is absent leaves both weights at 1.
@@ -116,7 +116,7 @@ def balance_weights(n_low: int, n_high: int) -> tuple[float, float]:
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     """Learning-rate multiplier: linear warm-up from 1/(warmup+1) to 1, then cosine decay to 0 at ``total_steps``.
 
-    (PAPER.md §4: 2k warm-up then cosine over 20k steps.) Past ``total_steps`` it stays at 0.
+    (docs/method.md §4: 2k warm-up then cosine over 20k steps.) Past ``total_steps`` it stays at 0.
     """
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)

@@ -1,4 +1,4 @@
-"""The planted-subsequence task (PAPER.md §7): reward, text API, automaton and exact values."""
+"""The planted-subsequence task (docs/method.md §7): reward, text API, automaton and exact values."""
 
 from __future__ import annotations
 

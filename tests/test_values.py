@@ -1,4 +1,4 @@
-"""Value maths (PAPER.md §2–§3): hand-computed cases and property checks."""
+"""Value maths (docs/method.md §2–§3): hand-computed cases and property checks."""
 
 from __future__ import annotations
 

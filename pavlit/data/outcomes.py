@@ -94,7 +94,7 @@ class OutcomeCollator:
 
 
 class OutcomeDataModule(LightningDataModule):
-    """Outcome-labelled responses for training an outcome verifier (PAPER.md §4, ORM).
+    """Outcome-labelled responses for training an outcome verifier (docs/method.md §4, ORM).
 
     Args:
         path: Outcome records or a step-label dataset (see the module docstring), in any form

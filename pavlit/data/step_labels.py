@@ -12,7 +12,7 @@ Choices (each documented, each configurable):
 * **Split by problem**: a problem goes to validation when a hash of ``(seed, problem_id)`` falls below
   ``val_fraction`` (deterministic, independent of file order and stable as problems are added); every prefix and
   rollout of a problem stays on one side, so no prefix of a validation problem is ever trained on.
-* **Class balance** (PAPER.md §4, over ``q < 0.5`` vs ``q ≥ 0.5``) is a per-label loss **weight**, not a sampler:
+* **Class balance** (docs/method.md §4, over ``q < 0.5`` vs ``q ≥ 0.5``) is a per-label loss **weight**, not a sampler:
   an example is a whole rollout holding labels of both classes, so a sampler cannot balance labels, while weights
   ``N / (2 n_class)`` from the training labels give each class half of the loss — what balanced sampling of
   prefixes gives in expectation, without dropping or repeating any data. Validation metrics are unweighted.
@@ -454,7 +454,7 @@ def resume_offset(trainer: Any) -> int:
 
 
 class StepLabelDataModule(LightningDataModule):
-    """Monte-Carlo step labels (PAPER.md §3) for training a process verifier (:class:`PAVModule`).
+    """Monte-Carlo step labels (docs/method.md §3) for training a process verifier (:class:`PAVModule`).
 
     See the module docstring for how records become examples, the split, class balance, dedupe and truncation.
 
@@ -465,7 +465,7 @@ class StepLabelDataModule(LightningDataModule):
         batch_size: Rollouts per batch (each holds the labels of all its prefixes).
         max_length: Longest tokenised rollout; longer ones are cut at a step boundary (also capped by the model's
             ``max_positions`` when it has one).
-        balance: Weight labels so that q < 0.5 and q ≥ 0.5 carry equal loss (PAPER.md §4).
+        balance: Weight labels so that q < 0.5 and q ≥ 0.5 carry equal loss (docs/method.md §4).
         on_bad_record: ``"error"`` stops at the first bad record (naming file and line); ``"skip"`` counts and
             logs bad records and goes on.
         dedupe: Drop repeated records and pool identical prefixes of different rollouts (see module docstring).

@@ -1,4 +1,4 @@
-"""The autoregressive MLP policy of the didactic planted task (PAPER.md §7): :class:`MLPPolicy`.
+"""The autoregressive MLP policy of the didactic planted task (docs/method.md §7): :class:`MLPPolicy`.
 
 The state after ``i`` tokens is encoded as the one-hot of every token written so far at its own position, the
 positions not yet written left at zero: a ``length × vocab_size`` vector. The number of written positions is
@@ -77,7 +77,7 @@ class MLPPolicy(nn.Module):
     Args:
         task: The planted task (gives ``length``, ``vocab_size`` and ``eos``).
         hidden_size: Width of every hidden layer.
-        n_layers: Number of hidden layers (Linear + ReLU each) before the output layer; PAPER.md §7: 3 × 128.
+        n_layers: Number of hidden layers (Linear + ReLU each) before the output layer; docs/method.md §7: 3 × 128.
         head: ``"masked"`` (default), ``"per_position"`` or ``"shared"`` (the ablation that fails; see the module
             docstring).
     """

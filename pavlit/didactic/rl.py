@@ -1,4 +1,4 @@
-"""SFT then REINFORCE with the effective reward on the planted task (PAPER.md §7): :class:`DidacticRLModule`.
+"""SFT then REINFORCE with the effective reward on the planted task (docs/method.md §7): :class:`DidacticRLModule`.
 
 ``pavlit fit --config configs/didactic/rl.yaml`` first fine-tunes the :class:`~pavlit.didactic.policy.MLPPolicy`
 on samples of the γ = ``sft_gamma`` prover (a mediocre start), then runs ``iterations`` REINFORCE updates. Each
@@ -209,7 +209,7 @@ class DidacticRLModule(LightningModule):
         batch_size: Rollouts per RL iteration.
         iterations: RL iterations (one optimiser step each; the length of the training "dataset").
         optimizer: Builds the RL optimiser from the parameters (YAML: ``class_path: torch.optim.SGD`` +
-            ``init_args: {lr: ...}``); default Adam with its default learning rate 1e-3 (PAPER.md §7).
+            ``init_args: {lr: ...}``); default Adam with its default learning rate 1e-3 (docs/method.md §7).
         hidden_size: Width of the MLP's hidden layers.
         n_layers: Number of hidden layers.
         head: The policy's output layer: ``"masked"`` (default; a masked autoregressive MLP, each position's

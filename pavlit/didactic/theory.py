@@ -2,7 +2,7 @@
 
 For a policy π and a prover μ, the improvement of one natural-policy-gradient step on ``Q^π + α·A^μ`` is bounded
 below by (a multiple of) **distinguishability** ``E_s Var_{a~π}[A^μ(s, a)]`` plus **alignment**
-``E_s E_{a~π}[A^μ(s, a) · A^π(s, a)]`` (PAPER.md §2). :func:`prover_quantities` computes both for every γ at the
+``E_s E_{a~π}[A^μ(s, a) · A^π(s, a)]`` (docs/method.md §2). :func:`prover_quantities` computes both for every γ at the
 states that π's own rollouts visit (each non-ended prefix of ``n_rollouts`` samples), summing over **all**
 actions weighted by π's probabilities:
 

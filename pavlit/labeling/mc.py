@@ -1,4 +1,4 @@
-"""Monte-Carlo step labels for one chunk of problems (PAPER.md §3).
+"""Monte-Carlo step labels for one chunk of problems (docs/method.md §3).
 
 For every problem: ``n_cov`` seed rollouts from π give coverage of prefixes; every distinct prefix of every seed
 (the question-only prefix included) gets ``n_mc`` completions, and its label is the fraction that end correct.
@@ -28,7 +28,7 @@ from pavlit.values import first_pit
 
 @dataclass
 class LabelArgs:
-    """How many rollouts to spend where (PAPER.md §3).
+    """How many rollouts to spend where (docs/method.md §3).
 
     Args:
         n_cov: Seed rollouts per problem (coverage of prefixes).

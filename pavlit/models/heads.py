@@ -1,6 +1,6 @@
 """Scoring heads: turn a backbone's last hidden state at chosen positions into one logit each.
 
-Two ways to read a verifier score (PAPER.md §4), chosen by ``head_type`` in :class:`pavlit.modules.pav.PAVModule`
+Two ways to read a verifier score (docs/method.md §4), chosen by ``head_type`` in :class:`pavlit.modules.pav.PAVModule`
 and :class:`pavlit.modules.orm.ORMModule`:
 
 * ``"linear"`` — :class:`ValueHead`, a fresh ``Linear(hidden, 1)`` on the last hidden state **[pavlit default]**.

@@ -1,4 +1,4 @@
-"""``ORMModule``: the outcome verifier, one score per full response (PAPER.md §4), used for best-of-N.
+"""``ORMModule``: the outcome verifier, one score per full response (docs/method.md §4), used for best-of-N.
 
 Same backbone family, heads, LoRA / 4-bit, scale-out and export format as :class:`pavlit.modules.pav.PAVModule`
 (shared through :mod:`pavlit.verifier`); the score sits on the last token of the response and the loss is BCE

@@ -1,4 +1,4 @@
-"""``PAVModule``: the process verifier, a model of ``Q^π(prefix)`` trained on Monte-Carlo step labels (PAPER.md §4).
+"""``PAVModule``: the process verifier, a model of ``Q^π(prefix)`` trained on Monte-Carlo step labels (method.md §4).
 
 Every Best-of-K prover's values and advantages follow from this one model (``Q^μ = 1 − (1 − Q^π)^K``, advantages
 as consecutive differences), so search and RL call :meth:`PAVModule.score_prefixes` and

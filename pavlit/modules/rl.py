@@ -1,4 +1,4 @@
-"""``PolicyRLModule``: online REINFORCE on the policy's own rollouts with the dense reward ``R + α·Â^μ`` (PAPER.md §6).
+"""``PolicyRLModule``: online REINFORCE on the policy's own rollouts with dense reward ``R + α·Â^μ`` (method.md §6).
 
 ``pavlit fit --config configs/tiny/rl.yaml`` pairs it with :class:`pavlit.data.prompts.PromptDataModule`. Every
 training step takes a batch of prompts and
@@ -91,7 +91,7 @@ class PolicyRLModule(LightningModule):
     """REINFORCE with dense process rewards from a prover's advantages (PAV-RL), or outcome only (ORM-RL).
 
     Args:
-        policy: The initial policy (the RFT model; PAPER.md §6).
+        policy: The initial policy (the RFT model; docs/method.md §6).
         reference: The KL anchor; ``None``: a frozen copy of the initial policy.
         task: Scores rollouts; ``None``: the datamodule's ``task``.
         advantages: Source of ``Q^μ`` (``pavlit.rl.PAVAdvantages``, ``pavlit.rl.MCAdvantages``); ``None``: ORM-RL.

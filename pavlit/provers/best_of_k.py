@@ -1,4 +1,4 @@
-"""The Best-of-K prover ``BoK(π)`` of PAPER.md §2: analytic from ``Q^π``, or estimated from real rollouts."""
+"""The Best-of-K prover ``BoK(π)`` of docs/method.md §2: analytic from ``Q^π``, or estimated from real rollouts."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A fixed-checkpoint prover: another model μ (e.g. a weaker SFT checkpoint) whose own rollouts define ``Q^μ``.
 
 Unlike Best-of-K, ``Q^μ`` of a checkpoint prover does not follow from ``Q^π``: it needs its own estimates
-(PAPER.md §2). pavlit gets them the same way it gets ``Q^π``:
+(docs/method.md §2). pavlit gets them the same way it gets ``Q^π``:
 
 1. label π's prefixes with μ's completions too — ``pavlit label`` with ``provers: {weak: <model source>}`` writes
    records with ``policy: weak``;

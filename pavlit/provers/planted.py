@@ -1,4 +1,4 @@
-"""The γ-prover ``μ_γ`` of the planted-subsequence task (PAPER.md §7)."""
+"""The γ-prover ``μ_γ`` of the planted-subsequence task (docs/method.md §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reward compositions for test-time search (``pavlit.rewards`` plugins; PAPER.md §5).
+"""Reward compositions for test-time search (``pavlit.rewards`` plugins; docs/method.md §5).
 
 =========== ==================== ==============================================================================
 name        class                score of a prefix ``s`` (``value`` = the composition's ``Q̂^π(s)``)

@@ -1,6 +1,6 @@
 """The oracle composition ``mc``: ``Q^π`` and ``Q^μ`` by direct Monte-Carlo rollouts instead of a verifier.
 
-PAPER.md §5 scores beam candidates with a trained verifier; this composition estimates the same quantities by
+docs/method.md §5 scores beam candidates with a trained verifier; this composition estimates the same quantities by
 sampling ``n_rollouts`` completions of every prefix from π and checking them (the paper's open question 2).
 It is expensive (its rollouts are counted as ``reward_tokens``, apart from the search's own tokens) and it uses
 the task's checker, so it is an oracle, not a deployable verifier; it is exact up to sampling error, which makes

@@ -1,4 +1,4 @@
-"""Reward compositions backed by trained verifiers: ``orm``, ``pqv`` and ``pav`` (PAPER.md §4–§5).
+"""Reward compositions backed by trained verifiers: ``orm``, ``pqv`` and ``pav`` (docs/method.md §4–§5).
 
 A verifier is named by the folder its module exported (``PAVModule.save_pretrained`` /
 ``ORMModule.save_pretrained``) and loaded lazily, once per process and device, however many compositions name
@@ -101,7 +101,7 @@ class ORMReward(Reward):
 
 
 class PAVReward(Reward):
-    """``pav``: the effective reward ``Q̂^π(s) + α·(Q̂^μ(s) − Q̂^μ(parent))`` of each prefix ``s`` (PAPER.md §2, §5).
+    """``pav``: the effective reward ``Q̂^π(s) + α·(Q̂^μ(s) − Q̂^μ(parent))`` of each prefix ``s`` (docs/method.md §2, §5).
 
     ``Q̂^π`` of the prefix and of its parent (the prefix without its last step) come from one forward pass of
     the process verifier. ``Q̂^μ`` is the prover's value (``prover.q_values`` on the parent and the prefix): by

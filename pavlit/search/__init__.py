@@ -1,4 +1,4 @@
-"""Test-time search strategies (``pavlit.search`` plugins; PAPER.md §5) and the ``pavlit search`` job.
+"""Test-time search strategies (``pavlit.search`` plugins; docs/method.md §5) and the ``pavlit search`` job.
 
 =============== ==================== ==========================================================================
 name            class                what it does at budget N (or B)

@@ -1,4 +1,4 @@
-"""Best-of-N (PAPER.md §5): N full samples from π, one picked by a reward, by vote, or by the oracle."""
+"""Best-of-N (docs/method.md §5): N full samples from π, one picked by a reward, by vote, or by the oracle."""
 
 from __future__ import annotations
 

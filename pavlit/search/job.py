@@ -70,7 +70,7 @@ class Method:
 
 @dataclass
 class AlphaSweep:
-    """Choose α on a validation split before the test run (PAPER.md §5: α over [0, 1] in steps of 0.1).
+    """Choose α on a validation split before the test run (docs/method.md §5: α over [0, 1] in steps of 0.1).
 
     Args:
         method: The method whose reward's ``alpha`` is tuned.

@@ -149,7 +149,7 @@ def tokens_to_reach(accuracy: float, tokens: Sequence[float], accuracies: Sequen
 
 
 def compute_efficiency(points: Sequence[Point], baseline: str, target: str) -> dict[str, Any]:
-    """The compute-efficiency ratio of PAPER.md §5 between two lines.
+    """The compute-efficiency ratio of docs/method.md §5 between two lines.
 
     ``ratio`` = generated tokens ``baseline`` spends at its largest budget ÷ tokens ``target`` needs to reach the
     same accuracy (interpolated on log-compute), ``None`` when ``target`` never reaches it or the baseline's accuracy

@@ -1,4 +1,4 @@
-"""Step-level tree search batched across problems: beam search (PAPER.md §5) and DVTS.
+"""Step-level tree search batched across problems: beam search (docs/method.md §5) and DVTS.
 
 One engine, :class:`TreeSearch`, runs every problem of a batch in lockstep: at each depth the active states of
 *all* problems and all their subtrees are expanded by **one** ``sampler.next_step`` call (``C`` children per state,
@@ -9,7 +9,7 @@ each subtree keeps its own top children. The strategies differ only in how the b
 * :class:`DVTS` (diverse verifier tree search, Beeching et al. 2024): ``N / M`` independent subtrees of width 1,
   ``M`` children per state, so the budget buys diversity instead of one wide beam.
 
-Rules (each a documented choice, PAPER.md §5 where it is explicit):
+Rules (each a documented choice, docs/method.md §5 where it is explicit):
 
 * Children are ranked by the composition's ``reward`` (the effective reward for ``pav``); a subtree keeps its
   global top-``slots`` children (ties: the earlier child).
@@ -230,7 +230,7 @@ class TreeSearch(Search):
 
 
 class BeamSearch(TreeSearch):
-    """Step-level beam search of width ``B`` (the budget), ``C`` children per state, global top-B (PAPER.md §5).
+    """Step-level beam search of width ``B`` (the budget), ``C`` children per state, global top-B (docs/method.md §5).
 
     Args:
         children: Next steps sampled per state (``C``, paper: 3).

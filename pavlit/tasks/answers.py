@@ -1,4 +1,4 @@
-"""Final-answer extraction and comparison shared by every text task (the ``Rex`` of PAPER.md §1).
+"""Final-answer extraction and comparison shared by every text task (the ``Rex`` of docs/method.md §1).
 
 Three questions, three functions:
 

@@ -6,7 +6,7 @@ parentheses that keep ordinary precedence equal to the chain order::
     prompt    "Compute (17+25)*3-8+46.\\n"
     response  "17+25=42\\n42*3=126\\n126-8=118\\n118+46=164\\nAnswer: 164\\n"
 
-Why this design (PAPER.md needs a policy that is mediocre, with headroom for search and RL):
+Why this design (the method, docs/method.md, needs a policy that is mediocre, with headroom for search and RL):
 
 * **Every step can go wrong and errors propagate.** Each line is one multi-digit addition or subtraction (carries,
   borrows) or a small multiplication, and its left operand is the previous line's result, so one slip makes every

@@ -1,4 +1,4 @@
-"""The didactic planted-subsequence task of PAPER.md §7 (paper §3.3).
+"""The didactic planted-subsequence task of docs/method.md §7 (paper §3.3).
 
 A response is a sequence of ``length`` tokens over ``{0, ..., vocab_size − 1}``; token ``eos`` ends it early
 (everything after it is masked). The reward is 1 iff the hidden ``target`` appears contiguously before the end.
@@ -32,7 +32,7 @@ TokenPrefix = Sequence[int] | Sequence[str] | str | torch.Tensor
 
 
 class PlantedTask(Task):
-    """Find a planted target subsequence (PAPER.md §7).
+    """Find a planted target subsequence (docs/method.md §7).
 
     Args:
         target: The hidden subsequence ``y*``; tokens in ``[0, vocab_size)``, without ``eos``.

@@ -10,7 +10,7 @@ success if any succeeds), otherwise it runs π once. With the K outcomes indepen
 Q^μ is linear in the two component values, so its advantages are too:
 ``A^μ = λ · A^{BoK} + (1 − λ) · A^π``. In the effective reward ``Q^π + α·A^μ`` the mixture therefore splits α
 between the Best-of-K advantage (weight αλ) and π's own advantage (weight α(1 − λ)), and λ moves the prover
-continuously from π (λ = 0; PAPER.md §2: no signal beyond the outcome in RL) to Best-of-K (λ = 1). It costs
+continuously from π (λ = 0; docs/method.md §2: no signal beyond the outcome in RL) to Best-of-K (λ = 1). It costs
 1 + λ(K − 1) attempts on average.
 """
 

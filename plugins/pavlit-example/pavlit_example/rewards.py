@@ -1,7 +1,7 @@
 """``pav_min``: a prefix scored by its weakest step's effective reward (a ``pavlit.rewards`` plugin).
 
 pavlit's ``pav`` composition scores a prefix by its *last* step only, ``Q̂^π(s) + α·(Q̂^μ(s) − Q̂^μ(parent))``
-(PAPER.md §5). Process reward models are also commonly aggregated over the whole path by their minimum (a
+(docs/method.md §5). Process reward models are also commonly aggregated over the whole path by their minimum (a
 solution is as good as its worst step). ``pav_min`` applies that aggregation to the effective reward: for a
 prefix with steps ``a_1 … a_H`` and prefix values ``Q̂(s_0) … Q̂(s_H)`` (``s_0`` the question alone)::
 
