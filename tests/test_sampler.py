@@ -113,7 +113,7 @@ def test_next_step_stops_exactly_at_the_delimiter(model, tokenizer) -> None:
 
 
 def test_complete_max_steps_and_eos(model, tokenizer) -> None:
-    sampler = Sampler(model, tokenizer, max_new_tokens=40, seed=0)
+    sampler = Sampler(model, tokenizer, max_new_tokens=40, seed=1)
     out = sampler.complete(PROMPTS, n=16, max_steps=2)
     for texts, stops in zip(out.texts, out.stop_reasons):
         for text, stop in zip(texts, stops):
@@ -121,7 +121,7 @@ def test_complete_max_steps_and_eos(model, tokenizer) -> None:
             assert text.count("\n") == 2 if stop == STOP_MAX_STEPS else text.count("\n") < 2
             if stop == STOP_MAX_STEPS:
                 assert text.endswith("\n")
-    free = sampler.complete(PROMPTS, n=16)
+    free = sampler.complete(PROMPTS, n=16, seed=1)
     assert all(stop in (STOP_EOS, STOP_LENGTH) for stops in free.stop_reasons for stop in stops)
     assert any(text.count("\n") >= 2 for texts in free.texts for text in texts)
 
