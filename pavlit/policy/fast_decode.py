@@ -5,12 +5,14 @@ forward, every step pays the model's Python layers (decorators, kwargs plumbing,
 attention over a KV cache in which each prompt's keys were copied ``n`` times. :class:`GroupedDecoder` does the
 same arithmetic in about twenty tensor operations per layer:
 
-* rows live in a **slot layout** ``[G, S]`` (prompt, sample slot): every prompt has ``S`` slots, the most samples
-  any prompt still has, so the layers run on one ``[G*S, hidden]`` matrix and attention needs no gather or
-  scatter; a prompt with fewer live samples leaves *holes* (slots computed and ignored) until the next
-  compaction;
-* the prompt KV (computed once by the HF prefill) stays **one copy per prompt**: one batched GEMM per layer
-  scores all ``S`` samples of every prompt against it (with ``baddbmm`` adding the left-padding mask), and one
+* rows live in a **slot layout** ``[G, S]`` (group, sample slot): a group holds up to ``S`` samples of one
+  prompt, and a prompt with more samples spans several groups (``S`` is chosen by :meth:`GroupedDecoder.slots_for`
+  to trade holes against groups), so the layers run on one ``[G*S, hidden]`` matrix and attention needs no
+  gather or scatter; a group with fewer live samples leaves *holes* (slots computed and ignored) until the next
+  compaction re-packs the rows;
+* the prompt KV (computed once by the HF prefill) stays **one copy per prompt** (groups of one prompt index the
+  same tensors, copied once per re-packing): one batched GEMM per layer scores all ``S`` slots of every group
+  against its prompt's prefix (with ``baddbmm`` adding the left-padding mask), and one
   batched product scores each sample's own generated tokens; both score blocks share one softmax, so the result
   is exactly attention over ``prefix + suffix``;
 * q, k and v come from one fused projection and gate and up from another (:class:`DecodeWeights`, built once per
