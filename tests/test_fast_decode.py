@@ -206,3 +206,20 @@ def test_bfloat16_logprobs_match_a_full_forward_pass(request, tokenizer, fixture
             worst = max(worst, (torch.tensor(logprobs) - expected).abs().max().item())
     # bf16 rounding moves log-probs by ~1e-2 on this sharpened model; a wrong position, mask or head is >> 1.
     assert worst < 0.15
+
+
+def test_weights_made_under_inference_mode_are_rebuilt_each_batch(model, tokenizer) -> None:
+    """Inference tensors have no version counter: the fused copies cannot be trusted, so they are rebuilt."""
+    with torch.inference_mode():
+        policy = copy.deepcopy(model)
+        for parameter in policy.parameters():
+            parameter.data = parameter.data.clone()  # now inference tensors
+    sampler = Sampler(policy, tokenizer, max_new_tokens=8, temperature=0.0)
+    first = sampler.complete(PROMPTS, n=1).token_ids
+    built = sampler._decode_weights
+    with torch.inference_mode():
+        policy.model.layers[0].self_attn.v_proj.weight.mul_(-3.0)
+    assert sampler._decode_weights.current() is built and built._key != built._fingerprint()
+    reference = Sampler(policy, tokenizer, max_new_tokens=8, temperature=0.0, fast_decode=False)
+    assert sampler.complete(PROMPTS, n=1).token_ids == reference.complete(PROMPTS, n=1).token_ids
+    assert first == Sampler(model, tokenizer, max_new_tokens=8, temperature=0.0).complete(PROMPTS, n=1).token_ids

@@ -27,6 +27,7 @@ does not recognise use the sampler's Hugging Face path; :func:`supports_fast_dec
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -138,6 +139,18 @@ class _Layer:
         self.down = _residual(mlp.down_proj)
 
 
+_UNTRACKED = itertools.count()
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The in-place update counter; inference tensors have none, so they get a fresh number each time (the fused
+    copies are then rebuilt for every batch: safe, if slower)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1 - next(_UNTRACKED)
+
+
 class DecodeWeights:
     """The decoder's view of a model: fused projections and plain callables, rebuilt when a weight changes.
 
@@ -152,7 +165,7 @@ class DecodeWeights:
         self._build()
 
     def _fingerprint(self) -> tuple:
-        return tuple((id(p), p._version) for p in self.model.parameters())
+        return tuple((id(p), p.data_ptr(), _version(p)) for p in self.model.parameters())
 
     def _build(self) -> None:
         inner = _base_model(self.model)
