@@ -198,3 +198,34 @@ def test_verifier_paths_load_lazily_once_and_match_the_module(tiny_verifiers):
     orm = ORMReward(str(tiny_verifiers / "orm"))
     out = orm.score([Problem("x", "Compute 1+2.\n", "3")], [steps[0]])
     assert out.value.shape == (1,) and 0.0 < float(out.value[0]) < 1.0
+
+
+def test_mc_reward_rolls_out_a_checkpoint_prover_from_the_same_prefixes():
+    from pavlit.provers.checkpoint import CheckpointProver
+
+    pi = CountingSampler({})
+    mu = CountingSampler({"": 1, "a\n": 2, "b\n": 3})
+    prover = CheckpointProver(policy=TinyPolicyStub())
+    prover._sampler = mu  # the prover's own model, already built (rollout_sampler returns it)
+    reward = MCReward(n_rollouts=4, alpha=1.0, prover=prover)
+    reward.bind(AnswerTask(), pi)
+    # Two siblings: Q^pi ranks "a" above "b", the prover's advantages rank them the other way (0.25 vs 0.5), which a
+    # Best-of-K prover, monotone in Q^pi, never could.
+    pi.correct_by_head = {"": 1, "a\n": 3, "b\n": 2}
+    scores = reward.score([PROBLEM, PROBLEM], [["a\n"], ["b\n"]])
+    assert scores.value.tolist() == pytest.approx([3 / 4, 2 / 4])
+    a_mu = [2 / 4 - 1 / 4, 3 / 4 - 1 / 4]
+    assert scores.reward.tolist() == pytest.approx([3 / 4 + a_mu[0], 2 / 4 + a_mu[1]])
+    # pi and mu each completed both children and the shared parent once; mu's completions count as compute too.
+    assert sorted(pi.prompts) == sorted(mu.prompts) == ["Q:", "Q:a\n", "Q:b\n"]
+    assert sum(scores.calls) == 2 * 3 * 4
+    # A finished response is its own score under mu as well; cached prefixes are not rolled out again.
+    done = reward.score([PROBLEM], [["a\n", "=7"]], finished=[True])
+    assert mu.prompts.count("Q:a\n") == 1 and done.reward.tolist() == pytest.approx([1.0 + (1.0 - 2 / 4)])
+
+
+class TinyPolicyStub:
+    """Stands in for the prover's model source; never loaded because the test hands the prover its sampler."""
+
+    def load(self):  # pragma: no cover - a loaded stub would be a bug in the test
+        raise AssertionError("the prover's sampler was given; nothing should load")

@@ -84,6 +84,17 @@ class CheckpointProver(Prover):
         dtype = q_pi.dtype if q_pi.is_floating_point() else torch.get_default_dtype()
         return values.to(dtype=dtype, device=q_pi.device).reshape(q_pi.shape)
 
+    def rollout_sampler(self, task: Task) -> Sampler:
+        """A sampler of the prover's own model (built once), for Monte-Carlo estimates of ``Q^μ``."""
+        if self.policy is None:
+            raise ValueError("CheckpointProver needs policy (the prover's model source) to roll the prover out")
+        if self._sampler is None:
+            from pavlit.policy.sampler import Sampler
+
+            model, tokenizer = self.policy.load()
+            self._sampler = Sampler(model, tokenizer, delimiter=task.step_delimiter)
+        return self._sampler
+
     def estimate(
         self,
         task: Task,
@@ -94,15 +105,8 @@ class CheckpointProver(Prover):
         seed: int | None = None,
     ) -> torch.Tensor:
         """``Q^μ`` of each prefix by ``n_rollouts`` direct completions from the prover's own model."""
-        if self.policy is None:
-            raise ValueError("CheckpointProver.estimate needs policy (the prover's model source)")
-        if self._sampler is None:
-            from pavlit.policy.sampler import Sampler
-
-            model, tokenizer = self.policy.load()
-            self._sampler = Sampler(model, tokenizer, delimiter=task.step_delimiter)
         heads = ["".join(steps) for steps in prefixes]
-        out = self._sampler.complete(
+        out = self.rollout_sampler(task).complete(
             [problem.prompt + head for head in heads], n=n_rollouts, max_new_tokens=max_new_tokens, seed=seed
         )
         correct = [[task.score(problem, head + c) >= 0.5 for c in cs] for head, cs in zip(heads, out.texts)]

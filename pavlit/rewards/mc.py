@@ -25,8 +25,11 @@ class MCReward(Reward):
 
     With a :class:`~pavlit.provers.best_of_k.BestOfK` prover, ``Q̂^μ`` is the unbiased Best-of-K estimate from the
     counts, ``1 − C(n − c, K) / C(n, K)`` (no independence assumption); any other prover gets ``Q̂^π`` and the
-    prefixes (a planted prover answers exactly). A finished prefix is a complete response: its value is its own
-    score, without rollouts. Rollouts are cached per ``(problem id, prefix)`` for the life of a search, so a
+    prefixes (a planted prover answers exactly), except a
+    :class:`~pavlit.provers.checkpoint.CheckpointProver` with a ``policy``: its ``Q̂^μ`` is the success rate of
+    ``n_rollouts`` completions of the prover's own model from the same prefixes (the Monte-Carlo oracle of a
+    fixed-checkpoint prover; its tokens count as compute too). A finished prefix is a complete response: its value
+    is its own score, without rollouts. Rollouts are cached per ``(problem id, prefix)`` for the life of a search, so a
     parent scored at one depth is not rolled out again at the next.
 
     Args:
@@ -53,11 +56,18 @@ class MCReward(Reward):
         self._task: Task | None = None
         self._sampler: Any = None
         self._counts: dict[tuple[str, tuple[str, ...]], tuple[int, int]] = {}
+        self._counts_mu: dict[tuple[str, tuple[str, ...]], tuple[int, int]] = {}
+        self._mu_sampler: Any = None
 
     def bind(self, task: Task, sampler: Any) -> None:
         """Use ``sampler`` (π) and ``task`` (the checker); forget the rollouts of any earlier search."""
+        from pavlit.provers.checkpoint import CheckpointProver
+
         self._task, self._sampler = task, sampler
-        self._counts = {}
+        self._counts, self._counts_mu = {}, {}
+        self._mu_sampler = None
+        if isinstance(self.prover, CheckpointProver) and self.prover.policy is not None:
+            self._mu_sampler = self.prover.rollout_sampler(task)
 
     def score(
         self, problems: Sequence[Problem], prefixes: Sequence[Sequence[str]], finished: Sequence[bool] | None = None
@@ -82,30 +92,55 @@ class MCReward(Reward):
             parent = (problem.id, prefix[:-1])
             if prefix and self.alpha != 0.0 and parent not in self._counts and parent not in todo:
                 todo[parent] = (problem, i)
-        if todo:
-            keys = list(todo)
-            heads = ["".join(prefix) for _, prefix in keys]
-            out = self._sampler.complete(
-                [todo[key][0].prompt + head for key, head in zip(keys, heads)],
-                n=self.n_rollouts,
-                max_new_tokens=self.max_new_tokens,
-                delimiter=task.step_delimiter,
-            )
-            for key, head, texts, ids in zip(keys, heads, out.texts, out.token_ids):
-                problem, owner = todo[key]
-                n_correct = sum(int(task.score(problem, head + text) >= 0.5) for text in texts)
-                self._counts[key] = (n_correct, self.n_rollouts)
-                tokens[owner] += sum(len(t) for t in ids)
-                calls[owner] += self.n_rollouts
+        self._rollout(self._sampler, todo, self._counts, tokens, calls)
         q_pi = torch.tensor([self._q_pi(p.id, s) for p, s in zip(problems, steps)], dtype=torch.float32)
         if self.alpha == 0.0:
             return RewardScores(reward=q_pi.clone(), value=q_pi, calls=calls, tokens=tokens)
+        if self._mu_sampler is not None:
+            # The prover's own rollouts from the same children and parents; a finished response is its own score.
+            todo_mu: dict[tuple[str, tuple[str, ...]], tuple[Problem, int]] = {}
+            for i, (problem, prefix, done) in enumerate(zip(problems, steps, finished)):
+                key, parent = (problem.id, prefix), (problem.id, prefix[:-1])
+                if done:
+                    self._counts_mu.setdefault(key, self._counts[key])
+                elif key not in self._counts_mu:
+                    todo_mu.setdefault(key, (problem, i))
+                if prefix and parent not in self._counts_mu:
+                    todo_mu.setdefault(parent, (problem, i))
+            self._rollout(self._mu_sampler, todo_mu, self._counts_mu, tokens, calls)
         q_mu = self._q_mu(problems, steps)
         q_mu_parent = self._q_mu(problems, [s[:-1] for s in steps])
         has_parent = torch.tensor([len(s) > 0 for s in steps])
         a_mu = torch.where(has_parent, q_mu - q_mu_parent, torch.zeros_like(q_mu))
         reward = effective_reward(q_pi, a_mu.clamp(-1.0, 1.0), self.alpha)
         return RewardScores(reward=reward, value=q_pi, calls=calls, tokens=tokens)
+
+    def _rollout(
+        self,
+        sampler: Any,
+        todo: dict[tuple[str, tuple[str, ...]], tuple[Problem, int]],
+        counts: dict[tuple[str, tuple[str, ...]], tuple[int, int]],
+        tokens: list[int],
+        calls: list[int],
+    ) -> None:
+        """Complete every prefix of ``todo`` ``n_rollouts`` times with ``sampler``; store the success counts and
+        charge the tokens and completions to the prefix's owner."""
+        if not todo:
+            return
+        task = self._task
+        keys = list(todo)
+        heads = ["".join(prefix) for _, prefix in keys]
+        out = sampler.complete(
+            [todo[key][0].prompt + head for key, head in zip(keys, heads)],
+            n=self.n_rollouts,
+            max_new_tokens=self.max_new_tokens,
+            delimiter=task.step_delimiter,
+        )
+        for key, head, texts, ids in zip(keys, heads, out.texts, out.token_ids):
+            problem, owner = todo[key]
+            counts[key] = (sum(int(task.score(problem, head + text) >= 0.5) for text in texts), self.n_rollouts)
+            tokens[owner] += sum(len(t) for t in ids)
+            calls[owner] += self.n_rollouts
 
     def _q_pi(self, problem_id: str, prefix: tuple[str, ...]) -> float:
         n_correct, n = self._counts[(problem_id, prefix)]
@@ -114,6 +149,9 @@ class MCReward(Reward):
     def _q_mu(self, problems: Sequence[Problem], steps: Sequence[tuple[str, ...]]) -> torch.Tensor:
         from pavlit.provers.best_of_k import BestOfK
 
+        if self._mu_sampler is not None:
+            mu = torch.tensor([self._counts_mu[(p.id, s)] for p, s in zip(problems, steps)], dtype=torch.float64)
+            return (mu[:, 0] / mu[:, 1]).float()
         counts = torch.tensor([self._counts[(p.id, s)] for p, s in zip(problems, steps)], dtype=torch.long)
         if isinstance(self.prover, BestOfK):
             return self.prover.from_counts(counts[:, 0], counts[:, 1]).float()
