@@ -113,4 +113,6 @@ class CheckpointProver(Prover):
         return torch.tensor(correct, dtype=torch.float32).mean(dim=-1)
 
     def __repr__(self) -> str:
-        return f"CheckpointProver(verifier_path={self.verifier_path!r}, policy={self.policy!r})"
+        # A model source is named by its folder where it has one (a plain object repr would print an address).
+        policy = getattr(self.policy, "path", None) or self.policy
+        return f"CheckpointProver(verifier_path={self.verifier_path!r}, policy={policy!r})"
