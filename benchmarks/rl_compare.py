@@ -43,6 +43,7 @@ torch.set_num_threads(1)
 
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 
+from pavlit.compare import sample_efficiency  # noqa: E402
 from pavlit.data.prompts import PromptDataModule  # noqa: E402
 from pavlit.modules.rl import PolicyRLModule  # noqa: E402
 from pavlit.modules.sft import pass_at_k  # noqa: E402
@@ -227,27 +228,6 @@ def mean_curve(runs: list[dict[str, Any]]) -> tuple[list[int], list[float], list
     return steps, [statistics.fmean(c) for c in columns], [min(c) for c in columns], [max(c) for c in columns]
 
 
-def first_reaching(steps: list[int], accuracy: list[float], target: float) -> int | None:
-    return next((step for step, value in zip(steps, accuracy) if value >= target - 1e-12), None)
-
-
-def sample_efficiency(steps: list[int], orm: list[float], pav: list[float]) -> dict[str, Any]:
-    """Iterations ORM-RL needs to reach its final accuracy ÷ iterations PAV-RL needs to reach the same."""
-    target = orm[-1]
-    orm_iters, pav_iters = first_reaching(steps, orm, target), first_reaching(steps, pav, target)
-    result: dict[str, Any] = {"target": target, "orm_iterations": orm_iters, "pav_iterations": pav_iters}
-    if target <= orm[0]:
-        result["note"] = f"ORM-RL did not improve on the initial accuracy ({orm[0]:.3f} → {target:.3f})"
-        result["ratio"] = None
-    elif pav_iters is None:
-        result["note"] = f"PAV-RL never reached ORM-RL's final accuracy {target:.3f}"
-        result["ratio"] = None
-    else:
-        # Reaching it at the first evaluation after 0 bounds the ratio from below by the evaluation spacing.
-        result["ratio"] = orm_iters / max(pav_iters, steps[1] if len(steps) > 1 else 1)
-    return result
-
-
 def plot(out: Path, curves: dict[str, tuple]) -> str:
     import matplotlib
 
@@ -300,7 +280,7 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
     lines += [
         "",
         f"- **Sample-efficiency ratio** (seed-mean curves): {ratio} — ORM-RL reaches its final accuracy "
-        f"{eff['target']:.3f} at iteration {eff['orm_iterations']}, PAV-RL at {eff['pav_iterations']}."
+        f"{eff['goal']:.3f} at iteration {eff['baseline_iterations']}, PAV-RL at {eff['target_iterations']}."
         + (f" {eff['note']}." if eff.get("note") else ""),
         "- Per seed: "
         + ", ".join(
