@@ -122,6 +122,7 @@ SMALL = {
     "fit": ["--trainer.max_steps", "2"],
     "label": ["--num_problems", "4", "--label.n_cov", "1", "--label.n_mc", "1", "--label.max_steps", "3"],
     "search": ["--num_problems", "2", "--budgets", "[1, 2]", "--max_new_tokens", "64"],
+    "compare": ["--args", "[--trainer.max_steps, 2, --trainer.val_check_interval, 1, --data.init_args.eval_problems, 2]"],
 }
 
 
@@ -149,6 +150,7 @@ def test_smollm2_pipeline_runs_every_stage_on_a_few_problems(tmp_path: Path) -> 
     assert labels["records"] > 0
     results = json.loads((run / "search" / "results.json").read_text())
     assert {point["method"] for point in results["points"]} >= {"orm_bon", "pqv_beam", "pav_beam"}
-    assert (run / "rl" / "metrics.json").exists()
+    rl = json.loads((run / "rl_compare" / "results.json").read_text())
+    assert set(rl["curves"]) == {"pav", "orm"} and set(rl["final"]) == {"pav", "orm"}  # both methods ran
     report = (run / "report.md").read_text()
     assert all(f"## {stage}" in report for stage in ("sft", "label", "orm", "pav", "search", "rl"))
