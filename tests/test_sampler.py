@@ -17,7 +17,7 @@ from pavlit.policy.sampler import (
     STOP_MAX_STEPS,
     Sampler,
     VLLMSampler,
-    _cut_after,
+    cut_after,
     sample_tokens,
 )
 
@@ -48,12 +48,12 @@ def chi2_statistic(counts: Counter, probs: torch.Tensor, total: int) -> tuple[fl
 # ------------------------------------------------------------------------------------------ pure helpers
 
 
-def test_cut_after() -> None:
-    assert _cut_after("a\nb\nc", "\n", 1) == "a\n"
-    assert _cut_after("a\nb\nc", "\n", 2) == "a\nb\n"
-    assert _cut_after("a\nb", "\n", 3) == "a\nb"
-    assert _cut_after("x::y::", "::", 2) == "x::y::"
-    assert _cut_after("::", "::", 1) == "::"
+def testcut_after() -> None:
+    assert cut_after("a\nb\nc", "\n", 1) == "a\n"
+    assert cut_after("a\nb\nc", "\n", 2) == "a\nb\n"
+    assert cut_after("a\nb", "\n", 3) == "a\nb"
+    assert cut_after("x::y::", "::", 2) == "x::y::"
+    assert cut_after("::", "::", 1) == "::"
 
 
 def test_sample_tokens_greedy_and_top_p() -> None:

@@ -276,7 +276,7 @@ def test_vllm_outputs_become_sampler_records(fake_vllm, tmp_path: Path) -> None:
     model, tokenizer = TinyPolicy(**POLICY).load()
     model.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
-    sampler = VLLMSampler(str(tmp_path / "m"), max_new_tokens=60, max_num_seqs=8)
+    sampler = VLLMSampler(str(tmp_path / "m"), SamplingSettings(max_new_tokens=60), max_num_seqs=8)
     (engine,) = fake_vllm.instances
     assert sampler.tokenizer is engine.tokenizer and sampler.config.max_position_embeddings == 128
     # What the engine generated (it stops only at EOS or the length), drawn the same way the fake engine draws.

@@ -18,28 +18,17 @@ from __future__ import annotations
 import logging
 import tempfile
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pavlit.policy.loading import Policy
+from pavlit.policy.records import SamplingSettings
 from pavlit.policy.sources import ModelSource
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """What a job asks of every sampler it builds (the backend adds how)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    max_batch: int = 256
-    delimiter: str = "\n"
-    seed: int = 0
 
 
 class SamplerBackend(ABC):
@@ -79,15 +68,10 @@ class PavlitBackend(SamplerBackend):
         return Sampler(
             model.to(device),
             tokenizer,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            max_new_tokens=settings.max_new_tokens,
-            max_batch=settings.max_batch,
-            seed=settings.seed,
-            delimiter=settings.delimiter,
             share_prefix=self.share_prefix,
             device=device,
             fast_decode=self.fast_decode,
+            **asdict(settings),
         )
 
 
@@ -137,7 +121,7 @@ class VLLMBackend(SamplerBackend):
 
     def build(self, policy: ModelSource | Policy, settings: SamplingSettings, device: torch.device | str) -> Any:
         from pavlit.policy.loading import resolve_dtype
-        from pavlit.policy.sampler import VLLMSampler
+        from pavlit.policy.vllm_sampler import VLLMSampler
 
         folder = policy.local_folder() if isinstance(policy, ModelSource) else None
         if folder is None:
@@ -156,16 +140,7 @@ class VLLMBackend(SamplerBackend):
         if self.max_model_len is not None:
             kwargs["max_model_len"] = self.max_model_len
         log.info("vLLM engine on %s (%s)", folder, ", ".join(f"{k}={v}" for k, v in kwargs.items()))
-        return VLLMSampler(
-            folder,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            max_new_tokens=settings.max_new_tokens,
-            seed=settings.seed,
-            delimiter=settings.delimiter,
-            device=device,
-            **kwargs,
-        )
+        return VLLMSampler(folder, settings, device=device, **kwargs)
 
     def refresh(self, sampler: Any, model: torch.nn.Module) -> None:
         sampler.load_weights(merged_state_dict(model))
