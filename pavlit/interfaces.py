@@ -25,10 +25,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:  # annotations only: `pavlit --help` and `pavlit plugins` should not pay for importing torch
     import torch
+
+    from pavlit.policy.records import SamplerOutput
 
 SPLITS = ("train", "validation", "test")
 
@@ -139,7 +141,7 @@ class Reward(ABC):
     ``prefixes[i]``, so one call scores prefixes of many problems at once (one batched verifier pass).
     """
 
-    def bind(self, task: Task, sampler: Any) -> None:  # noqa: B027 - optional hook, a no-op by default
+    def bind(self, task: Task, sampler: Sampler) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Called by a search before it scores anything: the task and the policy's sampler in use.
 
         Load verifiers here (onto ``sampler.device``), not in ``__init__``, so configs stay cheap to parse.
@@ -176,7 +178,7 @@ class Search(ABC):
         budget: int,
         *,
         task: Task,
-        sampler: Any,
+        sampler: Sampler,
         reward: Reward | None,
         seed: int = 0,
     ) -> list[dict[str, Any]]:
@@ -194,7 +196,7 @@ class Search(ABC):
         budgets: Sequence[int],
         *,
         task: Task,
-        sampler: Any,
+        sampler: Sampler,
         reward: Reward | None,
         seed: int = 0,
     ) -> dict[int, list[dict[str, Any]]]:
@@ -211,3 +213,49 @@ INTERFACES: dict[str, type] = {
     "pavlit.rewards": Reward,
     "pavlit.search": Search,
 }
+
+
+class Sampler(Protocol):
+    """What rewards, searches and provers call on the policy's sampler (a type for annotations, not a plugin group).
+
+    pavlit's engines are :class:`pavlit.policy.sampler.Sampler` (its own decoding loop) and
+    :class:`pavlit.policy.vllm_sampler.VLLMSampler`, chosen by a job's ``backend:``; both get these two calls from
+    :class:`pavlit.policy.records.SamplerCalls`, whose docstrings explain every argument. A step keeps its
+    delimiter, so ``prefix + texts[i][j]`` is the continued text.
+
+    Attributes:
+        tokenizer: The policy's tokenizer (encodes prompts, decodes token ids).
+        device: Where the job's other models (verifiers) go.
+    """
+
+    tokenizer: Any
+    device: torch.device
+
+    def complete(
+        self,
+        prompts: Sequence[str],
+        n: int = 1,
+        max_new_tokens: int | None = None,
+        max_steps: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        delimiter: str | None = None,
+        seed: int | None = None,
+        return_logprobs: bool = False,
+    ) -> SamplerOutput:
+        """``n`` full responses per prompt, each to EOS, ``max_new_tokens`` or ``max_steps`` delimiters."""
+        ...
+
+    def next_step(
+        self,
+        prefixes: Sequence[str],
+        n: int = 1,
+        delimiter: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        return_logprobs: bool = False,
+    ) -> SamplerOutput:
+        """``n`` samples of exactly one next step per prefix: text up to and including the first delimiter."""
+        ...
