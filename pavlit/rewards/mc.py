@@ -10,11 +10,10 @@ it the check on what a trained verifier loses.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
-from pavlit.interfaces import Problem, Prover, Reward, RewardScores, Task
+from pavlit.interfaces import Problem, Prover, Reward, RewardScores, Sampler, Task
 from pavlit.values import effective_reward
 
 __all__ = ["MCReward"]
@@ -54,12 +53,12 @@ class MCReward(Reward):
         self.prover = prover
         self.max_new_tokens = max_new_tokens
         self._task: Task | None = None
-        self._sampler: Any = None
+        self._sampler: Sampler | None = None
         self._counts: dict[tuple[str, tuple[str, ...]], tuple[int, int]] = {}
         self._counts_mu: dict[tuple[str, tuple[str, ...]], tuple[int, int]] = {}
-        self._mu_sampler: Any = None
+        self._mu_sampler: Sampler | None = None
 
-    def bind(self, task: Task, sampler: Any) -> None:
+    def bind(self, task: Task, sampler: Sampler) -> None:
         """Use ``sampler`` (π) and ``task`` (the checker); forget the rollouts of any earlier search."""
         from pavlit.provers.checkpoint import CheckpointProver
 
@@ -117,7 +116,7 @@ class MCReward(Reward):
 
     def _rollout(
         self,
-        sampler: Any,
+        sampler: Sampler,
         todo: dict[tuple[str, tuple[str, ...]], tuple[Problem, int]],
         counts: dict[tuple[str, tuple[str, ...]], tuple[int, int]],
         tokens: list[int],

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from pavlit.interfaces import Problem, Prover, Reward, RewardScores, Task
+from pavlit.interfaces import Problem, Prover, Reward, RewardScores, Sampler, Task
 from pavlit.values import effective_reward
 
 __all__ = ["ORMReward", "PAVReward", "PQVReward", "PrefixScorer", "ResponseScorer", "load_verifier"]
@@ -60,7 +60,7 @@ def load_verifier(kind: str, path: str, device: torch.device | str = "cpu") -> A
     return _LOADED[key]
 
 
-def _device(sampler: Any) -> torch.device:
+def _device(sampler: Sampler) -> torch.device:
     return torch.device(getattr(sampler, "device", "cpu"))
 
 
@@ -79,7 +79,7 @@ class ORMReward(Reward):
         self.batch_size = batch_size
         self._model: Any = None if isinstance(verifier, str) else verifier
 
-    def bind(self, task: Task, sampler: Any) -> None:
+    def bind(self, task: Task, sampler: Sampler) -> None:
         if self._model is None:
             self._model = load_verifier("orm", str(self.verifier), _device(sampler))
 
@@ -135,7 +135,7 @@ class PAVReward(Reward):
         self.batch_size = batch_size
         self._model: Any = None if isinstance(verifier, str) else verifier
 
-    def bind(self, task: Task, sampler: Any) -> None:
+    def bind(self, task: Task, sampler: Sampler) -> None:
         if self._model is None:
             self._model = load_verifier("pav", str(self.verifier), _device(sampler))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pavlit.interfaces import Problem, Reward, Search, Task
+from pavlit.interfaces import Problem, Reward, Sampler, Search, Task
 from pavlit.policy.sampler import STOP_EOS
 from pavlit.search.picks import argmax_first, majority_vote, oracle_pick, weighted_vote
 from pavlit.steps import split_steps
@@ -48,7 +48,7 @@ class BestOfN(Search):
         budget: int,
         *,
         task: Task,
-        sampler: Any,
+        sampler: Sampler,
         reward: Reward | None,
         seed: int = 0,
     ) -> list[dict[str, Any]]:
@@ -60,7 +60,7 @@ class BestOfN(Search):
         budgets: Sequence[int],
         *,
         task: Task,
-        sampler: Any,
+        sampler: Sampler,
         reward: Reward | None,
         seed: int = 0,
     ) -> dict[int, list[dict[str, Any]]]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pavlit.interfaces import SPLITS, Problem, Reward, Search, Task
+from pavlit.interfaces import SPLITS, Problem, Reward, Sampler, Search, Task
 from pavlit.labeling.job import LaunchArgs, SamplerArgs, check_num_problems
 from pavlit.labeling.mc import phase_seed
 from pavlit.labeling.shards import ShardStore, atomic_write_text, chunks_for_rank, describe, output_lock
@@ -232,7 +232,7 @@ def _problems(task: Task, split: str, num_problems: int | None) -> list[Problem]
 
 
 def _records(
-    method: Method, label: str, budgets: list[int], problems: list[Problem], task: Task, sampler: Any, seed: int
+    method: Method, label: str, budgets: list[int], problems: list[Problem], task: Task, sampler: Sampler, seed: int
 ) -> list[dict[str, Any]]:
     by_budget = method.search.run_budgets(
         problems, sorted(budgets), task=task, sampler=sampler, reward=method.reward, seed=seed
@@ -268,7 +268,7 @@ def _work(
     problems: list[Problem],
     chunk_size: int,
     task: Task,
-    sampler: Any,
+    sampler: Sampler,
     seed: int,
     rank: int,
     world: int,

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pavlit.interfaces import Problem, Reward, Search, Task
+from pavlit.interfaces import Problem, Reward, Sampler, Search, Task
 from pavlit.policy.sampler import STOP_EOS, STOP_LENGTH
 from pavlit.search.picks import argmax_first, oracle_pick
 
@@ -117,7 +117,7 @@ class TreeSearch(Search):
         budget: int,
         *,
         task: Task,
-        sampler: Any,
+        sampler: Sampler,
         reward: Reward | None,
         seed: int = 0,
     ) -> list[dict[str, Any]]:
@@ -214,7 +214,7 @@ class TreeSearch(Search):
         return results
 
     def _final_values(
-        self, problems: Sequence[Problem], trees: list[list[_Subtree]], stats: list[dict], task: Task, sampler: Any
+        self, problems: Sequence[Problem], trees: list[list[_Subtree]], stats: list[dict], task: Task, sampler: Sampler
     ) -> list[list[float]] | None:
         """Each problem's finished candidates scored by ``final_reward`` in one call, or ``None`` without it."""
         if self.final_reward is None:
