@@ -254,11 +254,14 @@ def test_merged_state_dict_of_a_lora_model_is_the_merged_model(tmp_path: Path) -
     from pavlit.policy.backends import merged_state_dict, save_merged
 
     model, tokenizer = TinyPolicy(**POLICY).load()
-    adapted = apply_lora(model, LoRAArgs(enabled=True, r=4)).eval()
-    with torch.no_grad():
-        for name, parameter in adapted.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_()
+    # Seeded: the LoRA weights must not depend on which tests ran before (the round-off checked below does).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        adapted = apply_lora(model, LoRAArgs(enabled=True, r=4)).eval()
+        with torch.no_grad():
+            for name, parameter in adapted.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_()
     ids = torch.tensor([tokenizer("Compute 1+2.\n")["input_ids"]])
     with torch.no_grad():
         expected = adapted(ids).logits
