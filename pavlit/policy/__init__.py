@@ -1,4 +1,11 @@
-"""Policies: loading causal LMs, the in-code character tokenizer, and the step-aware sampler."""
+"""Policies: loading causal LMs, the in-code character tokenizer, and the step-aware sampler.
+
+Loading: ``loading.py`` (models, dtypes, GGUF conversion), ``sources.py`` (config-selectable model sources),
+``precision.py``, ``tokenizer.py``, ``checks.py``. Sampling: ``sampler.py`` (:class:`Sampler`), ``records.py`` (its
+settings, per-call ``Request``, ``SamplerOutput``, the ``complete``/``next_step`` front), ``sampling.py`` (token
+draws), ``decode.py`` (prefill / expand / stop / compact / step), ``kv_cache.py`` and ``fast_decode.py`` (the two
+KV layouts), ``vllm_sampler.py`` and ``backends.py`` (which engine a job samples with).
+"""
 
 from pavlit.policy.loading import Policy, gemma3_270m, load_policy, tiny_policy
 from pavlit.policy.sampler import Sampler, SamplerOutput, VLLMSampler, sample_tokens

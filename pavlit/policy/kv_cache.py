@@ -1,7 +1,7 @@
 """The Hugging Face path's KV cache: a ``DynamicCache`` whose layers write into a preallocated buffer.
 
-Used by :class:`~pavlit.policy.sampler.Sampler` for the prefill (every model) and for decoding models the grouped
-decoder does not support.
+Used by the sampler's decode loop (:mod:`pavlit.policy.decode`) for the prefill (every model) and for decoding
+models the grouped decoder does not support.
 """
 
 from __future__ import annotations
