@@ -59,6 +59,9 @@ __all__ = [
 class Sampler(SamplerCalls):
     """Batched, KV-cached, step-aware sampling from a Hugging Face causal LM.
 
+    The calls, :meth:`complete` and :meth:`next_step`, are :class:`~pavlit.policy.records.SamplerCalls`'; this
+    class holds the model-side state the decode loop (:func:`pavlit.policy.decode.decode_batch`) reads.
+
     Args:
         model: Any causal LM (``transformers`` ``PreTrainedModel``, peft-wrapped or not); it is put in eval
             mode and never changed.
