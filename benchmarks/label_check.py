@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from pavlit.labeling.shards import ShardStore
+from pavlit.jobs.shards import ShardStore
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pavlit.labeling.shards import atomic_write_text, check_unlocked
+from pavlit.jobs.atomic import atomic_write_text
+from pavlit.jobs.lock import check_unlocked
 
 
 def parse_job(prog: str, job: Callable[..., Any], argv: list[str], example: str) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pavlit.labeling.shards import atomic_write_text
+from pavlit.jobs.atomic import atomic_write_text
 from pavlit.pipeline import die_with_parent, rebase_config
 
 __all__ = ["CompareMethod", "compare", "compare_command", "first_reaching", "sample_efficiency", "summarise"]

@@ -61,7 +61,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pavlit.labeling.shards import atomic_write_text
+from pavlit.jobs.atomic import atomic_write_text
 from pavlit.pipeline_report import write_report
 
 #: The configs of the pipelines this process runs inside (``os.pathsep``-separated real paths), inherited by stages.

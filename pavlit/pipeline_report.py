@@ -227,7 +227,7 @@ def report_folder(stage: Any) -> Path:
 
 def write_report(root: Path, stages: list[Any], timings: dict[str, Any]) -> Path:
     """Write ``<root>/report.md``: the summary paragraph, the stage table, one section per stage."""
-    from pavlit.labeling.shards import atomic_write_text
+    from pavlit.jobs.atomic import atomic_write_text
 
     sections: list[str] = []
     shown: list[str] = []

@@ -233,7 +233,7 @@ def disk_full(ctx: Ctx) -> list[str]:
 
 
 def locked_output_dir(ctx: Ctx) -> list[str]:
-    from pavlit.labeling.shards import LOCK_FILE
+    from pavlit.jobs.lock import LOCK_FILE
 
     holder = {"pid": os.getppid(), "host": socket.gethostname(), "command": "pavlit label"}  # a live process
     ctx.write(f"labels/{LOCK_FILE}", json.dumps(holder))
@@ -257,7 +257,7 @@ def rollouts_not_utf8(ctx: Ctx) -> list[str]:
 
 def label_folder(ctx: Ctx) -> Path:
     """A `pavlit label` output folder (two committed shards with their integrity records)."""
-    from pavlit.labeling.shards import ShardStore
+    from pavlit.jobs.shards import ShardStore
 
     store = ShardStore(ctx.tmp / "labels", {"seed": 0})
     labels = good_labels()
@@ -274,7 +274,7 @@ def label_folder_with_a_broken_shard(ctx: Ctx) -> list[str]:
 
 
 def label_folder_being_written(ctx: Ctx) -> list[str]:
-    from pavlit.labeling.shards import LOCK_FILE
+    from pavlit.jobs.lock import LOCK_FILE
 
     folder = label_folder(ctx)
     (folder / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))

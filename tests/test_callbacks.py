@@ -177,9 +177,10 @@ def test_real_pavlit_process_exits_1_with_the_message_and_no_traceback(tmp_path)
 def test_same_seed_same_labels_and_another_seed_other_labels(tmp_path):
     """tests/test_labeling.py compares 1 rank with 2 ranks at one seed; here: two runs of one seed are identical,
     and the seed matters (a different seed gives other labels, so the equality is not vacuous)."""
-    from pavlit.labeling.job import SamplerArgs, label
+    from pavlit.jobs.args import SamplerArgs
+    from pavlit.jobs.shards import ShardStore
+    from pavlit.labeling.job import label
     from pavlit.labeling.mc import LabelArgs
-    from pavlit.labeling.shards import ShardStore
     from pavlit.policy.sources import TinyPolicy
     from pavlit.tasks.arithmetic import ArithmeticTask
 

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from pavlit.cli import main
-from pavlit.labeling.shards import ShardStore
+from pavlit.jobs.shards import ShardStore
 
 REPO = Path(__file__).parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"

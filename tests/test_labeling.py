@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pavlit.labeling.job import LaunchArgs, SamplerArgs, label
+from pavlit.jobs.args import LaunchArgs, SamplerArgs
+from pavlit.jobs.shards import ShardStore
+from pavlit.labeling.job import label
 from pavlit.labeling.mc import LabelArgs, label_chunk
 from pavlit.labeling.records import validate_record
-from pavlit.labeling.shards import ShardStore
 from pavlit.policy.sampler import Sampler
 from pavlit.policy.sources import TinyPolicy
 
@@ -267,7 +268,7 @@ def test_a_zero_byte_or_foreign_shard_is_redone_on_resume_not_trusted(tmp_path, 
     for name in ("chunk-000001.jsonl", "chunk-000001.meta.json"):  # a shard copied in from another job's folder
         (out / name).write_bytes((other / name).read_bytes())
     assert (out / "chunk-000001.jsonl").read_bytes() != (reference / "chunk-000001.jsonl").read_bytes()
-    with caplog.at_level("WARNING", logger="pavlit.labeling.shards"):
+    with caplog.at_level("WARNING", logger="pavlit.jobs.shards"):
         summary = label(output_dir=str(out), **kwargs)
     assert "chunk-000000.jsonl: not trusted" in caplog.text and "chunk-000001.jsonl: not trusted" in caplog.text
     assert summary["this_run"]["chunks"] == 2  # exactly the two untrusted chunks were redone

@@ -7,9 +7,11 @@ import sys
 
 import pytest
 
-from pavlit.labeling import shards as shards_module
+from pavlit.jobs import lock as lock_module
+from pavlit.jobs.atomic import atomic_write_text
+from pavlit.jobs.lock import LOCK_FILE, output_lock
+from pavlit.jobs.shards import ShardStore, chunks_for_rank
 from pavlit.labeling.records import StepLabel, read_jsonl, to_trl_prm, validate_record
-from pavlit.labeling.shards import LOCK_FILE, ShardStore, atomic_write_text, chunks_for_rank, output_lock
 
 
 def _label(problem_id="p0", steps=("a\n",), n=4, c=1, **kw):
@@ -165,7 +167,7 @@ def test_a_shard_that_fails_its_integrity_check_is_redone_not_trusted(tmp_path, 
     breaks(store, 1)
 
     resumed = ShardStore(tmp_path / "job", {"n_mc": 4})  # a rerun: a fresh store over the same folder
-    with caplog.at_level(logging.WARNING, logger="pavlit.labeling.shards"):
+    with caplog.at_level(logging.WARNING, logger="pavlit.jobs.shards"):
         assert resumed.is_done(0) and not resumed.is_done(1)
     assert reason in caplog.text and "redoing the chunk" in caplog.text
     # Set aside, so that neither this store nor a reader of the folder (`pavlit fit` globs chunk-*.jsonl) sees it.
@@ -210,7 +212,7 @@ def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
 def test_a_second_job_into_a_locked_folder_is_refused_naming_the_holder(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": shards_module.socket.gethostname()}))
+        (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": lock_module.socket.gethostname()}))
         with pytest.raises(ValueError, match=rf"another pavlit job is writing here \(pid {holder.pid}"):
             with output_lock(tmp_path):
                 pass
@@ -223,8 +225,8 @@ def test_a_second_job_into_a_locked_folder_is_refused_naming_the_holder(tmp_path
 def test_a_stale_lock_of_a_dead_process_is_taken_over_and_released(tmp_path, caplog):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": shards_module.socket.gethostname()}))
-    with caplog.at_level(logging.WARNING, logger="pavlit.labeling.shards"):
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": lock_module.socket.gethostname()}))
+    with caplog.at_level(logging.WARNING, logger="pavlit.jobs.lock"):
         with output_lock(tmp_path) as lock:
             assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert f"stale lock of pid {dead.pid}" in caplog.text
@@ -247,10 +249,10 @@ def test_ranks_launched_by_the_job_write_under_its_lock(tmp_path, monkeypatch):
 
 
 def test_check_unlocked_refuses_a_live_holder_and_passes_a_stale_one(tmp_path):
-    from pavlit.labeling.shards import check_unlocked
+    from pavlit.jobs.lock import check_unlocked
 
     check_unlocked(tmp_path)  # no lock
-    host = shards_module.socket.gethostname()
+    host = lock_module.socket.gethostname()
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": host}))
     with pytest.raises(ValueError, match=rf"another pavlit job is writing here \(pid {os.getppid()}"):
         check_unlocked(tmp_path)
@@ -261,7 +263,7 @@ def test_check_unlocked_refuses_a_live_holder_and_passes_a_stale_one(tmp_path):
 
 
 def test_a_reader_trusts_a_checked_folder_refuses_a_broken_shard_and_reads_a_legacy_one(tmp_path):
-    from pavlit.labeling.shards import check_job_folder
+    from pavlit.jobs.shards import check_job_folder
 
     store = ShardStore(tmp_path / "job", {"n_mc": 4})
     store.commit(0, [_label("p0")])

@@ -43,7 +43,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 
 def _committed(folder: Path) -> int:
-    """Shards with their integrity record (a shard alone is redone on resume, see pavlit.labeling.shards)."""
+    """Shards with their integrity record (a shard alone is redone on resume, see pavlit.jobs.shards)."""
     return _count(folder, "chunk-*.meta.json")
 
 

@@ -23,9 +23,10 @@ import pytest
 import torch
 import yaml
 
-from pavlit.labeling.job import SamplerArgs, label, label_command
+from pavlit.jobs.args import SamplerArgs
+from pavlit.jobs.shards import ShardStore
+from pavlit.labeling.job import label, label_command
 from pavlit.labeling.mc import LabelArgs
-from pavlit.labeling.shards import ShardStore
 from pavlit.policy.backends import PavlitBackend, SamplingSettings, VLLMBackend, backend_fingerprint
 from pavlit.policy.loading import load_policy
 from pavlit.policy.sampler import STOP_DELIMITER, STOP_EOS, STOP_LENGTH, STOP_MAX_STEPS, Sampler, VLLMSampler

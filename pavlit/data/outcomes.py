@@ -3,7 +3,7 @@
 Two input formats, told apart per record:
 
 * **Outcome records** ``{"problem_id", "prompt", "response", "correct"}`` (``correct`` is 0/1 or a bool), in the
-  same file kinds :func:`pavlit.data.step_labels.iter_records` reads.
+  same file kinds :func:`pavlit.data.reading.iter_records` reads.
 * **Step-label records** (``pavlit label`` output): each *seed* rollout's full response (the steps of its deepest
   labelled prefix) with ``seed_outcome`` as the label. First-pit records (``source: first_pit``) are prefixes of a
   rollout up to its pit, not full responses, and are left out.
@@ -24,20 +24,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-from pavlit.data.step_labels import (
-    BadRecords,
-    OnBadRecord,
-    ResumableSampler,
-    group_rollouts,
-    iter_records,
-    pad_id_of,
-    resume_offset,
-    split_problems,
-)
+from pavlit.data.loading import keep_settings, pad_id_of, setup_once, start_prepare, train_loader, val_loader
+from pavlit.data.reading import BadRecords, OnBadRecord, iter_records
+from pavlit.data.rollouts import group_rollouts, split_problems
 from pavlit.labeling.records import validate_record
-from pavlit.modules.checks import check_validation_data
 from pavlit.steps import StepTokens, pad_step_batch, step_end_token_indices
 from pavlit.verifier import balance_weights
 
@@ -98,7 +90,7 @@ class OutcomeDataModule(LightningDataModule):
 
     Args:
         path: Outcome records or a step-label dataset (see the module docstring), in any form
-            :func:`pavlit.data.step_labels.iter_records` reads.
+            :func:`pavlit.data.reading.iter_records` reads.
         val_fraction: Share of problems held out for validation.
         batch_size: Responses per batch.
         max_length: Longest tokenised question + response (also capped by the model's ``max_positions``).
@@ -121,41 +113,18 @@ class OutcomeDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        BadRecords(on_bad_record)
-        self.path = path
-        self.val_fraction = val_fraction
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.balance = balance
-        self.on_bad_record: OnBadRecord = on_bad_record
-        self.seed = seed
-        self.num_workers = num_workers
-        self.tokenizer: Any = None
-        self.train_examples: list[OutcomeExample] = []
-        self.val_examples: list[OutcomeExample] = []
-        self.weights = (1.0, 1.0)
-        self.stats: Counter = Counter()
+        keep_settings(self)  # every argument as an attribute; tokenizer, examples, weights and stats empty
+        self.train_examples: list[OutcomeExample]
+        self.val_examples: list[OutcomeExample]
+        self.stats: Counter
 
     def setup(self, stage: str | None = None) -> None:
         """Read, validate, split and tokenise with the model's tokenizer (``trainer.lightning_module.tokenizer``)."""
-        if self.train_examples or self.val_examples:
-            return
-        if self.tokenizer is None:
-            if self.trainer is None or getattr(self.trainer.lightning_module, "tokenizer", None) is None:
-                raise RuntimeError("OutcomeDataModule needs a tokenizer: attach it to a trainer with a verifier")
-            self.tokenizer = self.trainer.lightning_module.tokenizer
-            limit = getattr(self.trainer.lightning_module, "max_positions", None)
-            if limit is not None and limit < self.max_length:
-                self.max_length = int(limit)
-        self.prepare(self.tokenizer)
+        setup_once(self)
 
     def prepare(self, tokenizer: Any) -> None:
         """Build the examples with ``tokenizer`` (what ``setup`` does, usable without a trainer)."""
-        pad_id_of(tokenizer)  # a tokenizer that cannot pad is refused before reading any data
-        self.tokenizer = tokenizer
-        bad = BadRecords(self.on_bad_record, "outcome record")
+        bad = start_prepare(self, tokenizer, "outcome record")
         triples = self._read(bad)
         if not self.stats["records"]:
             raise ValueError(
@@ -242,23 +211,10 @@ class OutcomeDataModule(LightningDataModule):
         return triples
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ResumableSampler(self.train_examples, world, rank, shuffle=True, seed=self.seed)
-        sampler.skip(resume_offset(trainer) * self.batch_size)
-        collate = OutcomeCollator(self._pad_id(), *self.weights)
-        return DataLoader(self.train_examples, self.batch_size, sampler=sampler, collate_fn=collate, **self._workers())
+        return train_loader(self, self.train_examples, OutcomeCollator(self._pad_id(), *self.weights))[0]
 
     def val_dataloader(self) -> DataLoader:
-        check_validation_data(self, self.val_examples, f"data.val_fraction is {self.val_fraction}; raise it")
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = DistributedSampler(self.val_examples, num_replicas=world, rank=rank, shuffle=False)
-        collate = OutcomeCollator(self._pad_id())
-        return DataLoader(self.val_examples, self.batch_size, sampler=sampler, collate_fn=collate, **self._workers())
-
-    def _workers(self) -> dict[str, Any]:
-        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        return val_loader(self, self.val_examples, OutcomeCollator(self._pad_id()))
 
     def _pad_id(self) -> int:
         return pad_id_of(self.tokenizer)

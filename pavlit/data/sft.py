@@ -20,7 +20,6 @@ for BPE tokenizers that could merge across the boundary.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,8 +32,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from pavlit.interfaces import Problem, Task
-from pavlit.labeling.records import text_lines
-from pavlit.labeling.shards import check_job_folder
+from pavlit.jobs.jsonl import json_objects
+from pavlit.jobs.shards import check_job_folder
 from pavlit.modules.checks import check_validation_data
 
 __all__ = [
@@ -122,16 +121,7 @@ def read_rollouts(path: str | Path) -> list[Rollout]:
             raise ValueError(f"{path}: a rollouts folder needs *.jsonl files (as pavlit label's <output_dir>/rollouts)")
         return [rollout for file in files for rollout in read_rollouts(file)]
     rollouts = []
-    for number, line in text_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg})") from error
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object with keys {ROLLOUT_KEYS}")
+    for where, record in json_objects(path, not_object=f"expected a JSON object with keys {ROLLOUT_KEYS}"):
         missing = [key for key in ROLLOUT_KEYS if key not in record]
         if missing:
             raise ValueError(f"{where}: missing key(s) {missing}; a rollout line needs {ROLLOUT_KEYS}")

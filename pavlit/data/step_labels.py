@@ -30,28 +30,37 @@ Choices (each documented, each configurable):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-from pavlit.labeling.records import text_lines, validate_record
-from pavlit.labeling.shards import SHARD_GLOB, check_job_folder
-from pavlit.modules.checks import check_validation_data
+from pavlit.data.loading import (
+    ResumableSampler,
+    keep_settings,
+    pad_id_of,
+    resume_offset,
+    setup_once,
+    start_prepare,
+    train_loader,
+    val_loader,
+)
+from pavlit.data.reading import BadRecords, OnBadRecord, iter_records, valid_step_records
+from pavlit.data.rollouts import Rollout, group_rollouts, is_validation_problem, split_problems, truncate_at_step
 from pavlit.steps import StepTokens, pad_step_batch, step_end_token_indices
 from pavlit.verifier import balance_weights
 
+# Reading (pavlit.data.reading), rollouts (pavlit.data.rollouts) and loading (pavlit.data.loading) have files of
+# their own; their names stay importable from here, where they were first.
 __all__ = [
     "BadRecords",
+    "OnBadRecord",
     "ResumableSampler",
     "StepExample",
     "StepLabelCollator",
@@ -60,303 +69,13 @@ __all__ = [
     "iter_records",
     "is_validation_problem",
     "pad_id_of",
+    "resume_offset",
+    "split_problems",
     "truncate_at_step",
+    "valid_step_records",
 ]
 
 log = logging.getLogger(__name__)
-
-OnBadRecord = Literal["error", "skip"]
-
-
-# --- reading ----------------------------------------------------------------------------------------------------
-
-
-def _data_files(folder: Path) -> list[Path]:
-    check_job_folder(folder)  # a label folder still being written, or a shard failing its integrity record
-    shards = sorted(folder.glob(SHARD_GLOB))
-    return shards or sorted(folder.glob("*.jsonl")) + sorted(folder.glob("*.parquet"))
-
-
-def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield ``(where, record)`` from a step-label (or outcome) dataset; ``where`` is ``file:line`` or ``file:row n``.
-
-    ``path`` may be a folder of ``chunk-*.jsonl`` shards (a labelling run's output), a folder of ``*.jsonl`` /
-    ``*.parquet`` files, one such file, a folder written by ``datasets.Dataset.save_to_disk``, or anything
-    ``datasets.load_dataset`` loads offline (a local folder of data files, or a cached dataset name). A line that
-    is not JSON yields its error message (a ``str``) in place of the record, for the caller's bad-record policy.
-    """
-    source = Path(path).expanduser()
-    files = [source] if source.is_file() else _data_files(source) if source.is_dir() else []
-    if files:
-        for file in files:
-            if file.suffix == ".parquet":
-                yield from _parquet_records(file)
-            else:
-                yield from _jsonl_records(file)
-        return
-    if source.is_dir():
-        if not any(source.iterdir()):
-            raise FileNotFoundError(
-                f"cannot read a step-label dataset from {str(path)!r}: the folder is empty (expected chunk-*.jsonl, "
-                "*.jsonl or *.parquet files)"
-            )
-    elif _looks_like_a_path(str(path)):
-        raise FileNotFoundError(
-            f"cannot read a step-label dataset from {str(path)!r}: no such file or folder (expected a `pavlit label` "
-            "output folder, or *.jsonl / *.parquet files)"
-        )
-    yield from _hf_records(str(path), source)
-
-
-def _looks_like_a_path(name: str) -> bool:
-    # A dataset name for `datasets` is "name" or "owner/name"; anything else that does not exist is a missing path,
-    # reported as such without asking `datasets` (which would look for it on the Hub).
-    has_data_suffix = Path(name).suffix in (".jsonl", ".json", ".parquet")
-    return name.startswith(("/", ".", "~")) or has_data_suffix or name.count("/") > 1
-
-
-def _jsonl_records(file: Path) -> Iterator[tuple[str, Any]]:
-    for line_no, line in text_lines(file):
-        if not line.strip():
-            continue
-        where = f"{file}:{line_no}"
-        try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as err:
-            yield where, f"not valid JSON ({err.msg}); is the file truncated?"
-
-
-def _parquet_records(file: Path) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq
-
-    row = 0
-    try:
-        parquet = pq.ParquetFile(file)
-        batches = parquet.iter_batches()
-        for batch in batches:
-            for record in batch.to_pylist():
-                yield f"{file}:row {row}", record
-                row += 1
-    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid / ArrowIOError derive from these
-        raise ValueError(
-            f"{file}: cannot read it as Parquet after {row} rows ({err}); is the file truncated or not Parquet?"
-        ) from None
-
-
-def _hf_records(name: str, folder: Path) -> Iterator[tuple[str, Any]]:
-    import datasets
-
-    try:
-        if folder.is_dir() and ((folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file()):
-            loaded = datasets.load_from_disk(str(folder))
-        else:
-            loaded = datasets.load_dataset(name)
-    except Exception as err:  # datasets raises many types; all mean "cannot read this"
-        raise FileNotFoundError(
-            f"cannot read a step-label dataset from {name!r}: it is not a file or a folder of chunk-*.jsonl / *.jsonl "
-            f"/ *.parquet files, and datasets could not load it offline ({type(err).__name__}: {err})"
-        ) from err
-    splits = loaded.items() if isinstance(loaded, Mapping) else [("train", loaded)]
-    for split, dataset in splits:
-        for row, record in enumerate(dataset):
-            yield f"{name}[{split}]:row {row}", dict(record)
-
-
-class BadRecords:
-    """The bad-record policy: raise on the first one, or count and log them.
-
-    Args:
-        mode: ``"error"`` raises ``ValueError(f"{where}: {reason}")``; ``"skip"`` counts and logs.
-        what: What a record is, for the log line.
-    """
-
-    def __init__(self, mode: OnBadRecord, what: str = "record") -> None:
-        if mode not in ("error", "skip"):
-            raise ValueError(f"on_bad_record must be 'error' or 'skip', got {mode!r}")
-        self.mode = mode
-        self.what = what
-        self.count = 0
-        self.first: list[str] = []
-
-    def __call__(self, where: str, reason: str) -> None:
-        message = f"{where}: {reason}"
-        if self.mode == "error":
-            raise ValueError(f"{message} (set on_bad_record='skip' to count and skip such {self.what}s)")
-        self.count += 1
-        if len(self.first) < 5:
-            self.first.append(message)
-            log.warning("skipping bad %s: %s", self.what, message)
-
-    def summarise(self) -> None:
-        if self.count:
-            log.warning("skipped %d bad %ss; first: %s", self.count, self.what, "; ".join(self.first))
-
-
-def valid_step_records(
-    path: str | Path, bad: BadRecords, step_delimiter: str | None = None
-) -> list[tuple[str, dict[str, Any]]]:
-    """The records of ``path`` that meet the step-label contract (others go to ``bad``).
-
-    With ``step_delimiter``, every step but a record's last must end with it: a step that does not was not cut
-    where inference cuts, so its label would sit on a token that search and RL never score.
-    """
-    records = []
-    for where, record in iter_records(path):
-        if isinstance(record, str):
-            bad(where, record)
-            continue
-        if not isinstance(record, dict):
-            bad(where, f"expected a JSON object, got {type(record).__name__}")
-            continue
-        try:
-            validate_record(record, where)
-        except ValueError as err:
-            bad(where, str(err).removeprefix(f"{where}: "))
-            continue
-        if not 0.0 <= float(record["seed_outcome"]) <= 1.0:
-            bad(where, f"seed_outcome must be in [0, 1], got {record['seed_outcome']}")
-            continue
-        if step_delimiter:
-            cut = next((h for h, step in enumerate(record["steps"][:-1]) if not step.endswith(step_delimiter)), None)
-            if cut is not None:
-                bad(
-                    where,
-                    f"field 'steps': step {cut} ({record['steps'][cut]!r}) does not end with the step delimiter "
-                    f"{step_delimiter!r}; every step but the last must (set data.init_args.step_delimiter to the "
-                    "task's delimiter)",
-                )
-                continue
-        records.append((where, record))
-    return records
-
-
-# --- grouping, splitting, truncation (pure) ---------------------------------------------------------------------
-
-
-@dataclass
-class Rollout:
-    """The labelled prefixes of one seed rollout.
-
-    Attributes:
-        problem_id: The problem.
-        prompt: The question text.
-        steps: The deepest prefix's steps (the rollout as far as it was labelled).
-        labels: ``h → (n_correct, n_rollouts)`` for the prefixes that carry a label.
-        outcome: The seed rollout's final outcome (0/1).
-        where: ``h → file:line`` of each label's record, for error messages.
-    """
-
-    problem_id: str
-    prompt: str
-    steps: list[str]
-    labels: dict[int, tuple[int, int]]
-    outcome: float
-    where: dict[int, str]
-
-
-def group_rollouts(
-    records: Sequence[tuple[str, Mapping[str, Any]]], bad: BadRecords, dedupe: bool = True
-) -> tuple[list[Rollout], Counter]:
-    """Group prefix records by seed rollout ``(problem_id, policy, source, seed_index)``; pool identical prefixes.
-
-    Returns:
-        The rollouts (sorted by key, so the result does not depend on file order) and counts
-        (``duplicates``: records repeated within a rollout; ``pooled``: labels merged into an earlier identical
-        prefix of another rollout).
-    """
-    stats: Counter = Counter()
-    groups: dict[tuple, dict[int, tuple[str, Mapping[str, Any]]]] = defaultdict(dict)
-    for where, record in records:
-        key = (record["problem_id"], record["policy"], record.get("source", "seed"), int(record.get("seed_index", 0)))
-        h = record["step_index"]
-        if h in groups[key]:
-            earlier_where, earlier = groups[key][h]
-            same_prefix = list(earlier["steps"]) == list(record["steps"]) and earlier["prompt"] == record["prompt"]
-            counts = (record["n_correct"], record["n_rollouts"])
-            earlier_counts = (earlier["n_correct"], earlier["n_rollouts"])
-            if same_prefix and counts == earlier_counts:
-                stats["duplicates"] += 1
-            elif same_prefix:
-                bad(
-                    where,
-                    f"the same rollout's prefix {h} appears earlier with other labels ({earlier_where}: "
-                    f"{earlier_counts[0]}/{earlier_counts[1]} correct, here {counts[0]}/{counts[1]}); two label jobs "
-                    "mixed? give each output folder once",
-                )
-            else:
-                bad(where, f"another record of the same rollout and step_index {h} differs ({earlier_where})")
-            continue
-        groups[key][h] = (where, record)
-
-    rollouts: list[Rollout] = []
-    for key in sorted(groups):
-        by_h = groups[key]
-        deepest_where, deepest = by_h[max(by_h)]
-        steps = list(deepest["steps"])
-        rollout = Rollout(key[0], deepest["prompt"], steps, {}, float(deepest["seed_outcome"]), {})
-        for h in sorted(by_h):
-            where, record = by_h[h]
-            if record["prompt"] != deepest["prompt"] or list(record["steps"]) != steps[:h]:
-                bad(where, f"its steps are not a prefix of the same rollout's deepest record ({deepest_where})")
-                continue
-            rollout.labels[h] = (record["n_correct"], record["n_rollouts"])
-            rollout.where[h] = where
-        if rollout.labels:
-            rollouts.append(rollout)
-
-    if dedupe:
-        owner: dict[tuple, tuple[int, int]] = {}
-        for index, rollout in enumerate(rollouts):
-            for h in sorted(rollout.labels):
-                prefix = (rollout.problem_id, rollout.prompt, tuple(rollout.steps[:h]))
-                if prefix not in owner:
-                    owner[prefix] = (index, h)
-                    continue
-                first, first_h = owner[prefix]
-                c, n = rollout.labels.pop(h)
-                c0, n0 = rollouts[first].labels[first_h]
-                rollouts[first].labels[first_h] = (c0 + c, n0 + n)
-                stats["pooled"] += 1
-        rollouts = [r for r in rollouts if r.labels]
-    return rollouts, stats
-
-
-def is_validation_problem(problem_id: str, val_fraction: float, seed: int = 0) -> bool:
-    """Whether ``problem_id`` belongs to validation: ``sha256(f"{seed}:{problem_id}")`` as a fraction in [0, 1)."""
-    digest = hashlib.sha256(f"{seed}:{problem_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
-
-
-def split_problems(problem_ids: Sequence[str], val_fraction: float, seed: int = 0) -> set[str]:
-    """The validation problems: :func:`is_validation_problem`, plus the lowest-hash problem when that picks none.
-
-    The fallback keeps a small dataset (a test, a smoke run) from ending with an empty validation set whenever
-    ``val_fraction > 0`` and there are at least two problems.
-    """
-    unique = sorted(set(problem_ids))
-    val = {p for p in unique if is_validation_problem(p, val_fraction, seed)}
-    if not val and val_fraction > 0 and len(unique) >= 2:
-        val = {min(unique, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).digest())}
-    if len(val) == len(unique) and len(unique) >= 2:
-        val.discard(max(unique, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).digest()))
-    return val
-
-
-def truncate_at_step(tokens: StepTokens, max_length: int) -> StepTokens | None:
-    """Cut ``tokens`` after the last prefix end that fits in ``max_length`` tokens; None if even the prompt does not.
-
-    The cut keeps ``input_ids[: end + 1]`` of the deepest prefix that fits, so every kept label still sits on its
-    step's own end token.
-    """
-    if len(tokens.input_ids) <= max_length:
-        return tokens
-    if tokens.prompt_end >= max_length:
-        return None
-    kept = [end for end in tokens.step_ends if end < max_length]
-    cut = (kept[-1] if kept else tokens.prompt_end) + 1
-    if cut <= 0:
-        return None
-    return StepTokens(tokens.input_ids[:cut], tokens.prompt_end, kept)
 
 
 # --- examples and batches ---------------------------------------------------------------------------------------
@@ -417,39 +136,6 @@ class StepLabelCollator:
         }
 
 
-class ResumableSampler(DistributedSampler):
-    """A seeded, per-epoch shuffling sampler over this rank's share of the data that can resume mid-epoch.
-
-    It is a ``DistributedSampler`` (so Lightning leaves it in place under DDP) built with explicit rank and world
-    size. :meth:`skip` makes the next iteration start after the batches a checkpointed run had already trained on,
-    so ``--ckpt_path`` resumes to the same weights as an uninterrupted run.
-    """
-
-    def __init__(self, dataset: Sequence[Any], num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
-        self._skip = 0
-
-    def skip(self, n_samples: int) -> None:
-        """Leave out the first ``n_samples`` indices of the next iteration only."""
-        self._skip = n_samples
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        skip, self._skip = self._skip, 0
-        # __len__ stays the full epoch: Lightning counts the restored batches as already done.
-        return iter(indices[skip:])
-
-
-def resume_offset(trainer: Any) -> int:
-    """Batches of the current epoch a restored run already trained on (0 for a fresh run or at an epoch start)."""
-    if trainer is None or getattr(trainer, "ckpt_path", None) is None:
-        return 0
-    # `processed`, not `completed`: a checkpoint saved in on_train_batch_end (ModelCheckpoint every_n_train_steps)
-    # holds a batch that has stepped the optimizer but is not yet counted as completed.
-    progress = trainer.fit_loop.epoch_loop.batch_progress.current
-    return int(progress.processed)
-
-
 # --- the DataModule ---------------------------------------------------------------------------------------------
 
 
@@ -493,48 +179,21 @@ class StepLabelDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if batch_size < 1 or max_length < 2:
             raise ValueError("batch_size must be >= 1 and max_length >= 2")
-        BadRecords(on_bad_record)  # validates the mode now, not at setup
-        self.path = path
-        self.val_fraction = val_fraction
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.balance = balance
-        self.on_bad_record: OnBadRecord = on_bad_record
-        self.dedupe = dedupe
-        self.policy = policy
-        self.seed = seed
-        self.num_workers = num_workers
-        self.step_delimiter = step_delimiter
-        self.tokenizer: Any = None
-        self.train_examples: list[StepExample] = []
-        self.val_examples: list[StepExample] = []
-        self.weights = (1.0, 1.0)
-        self.stats: Counter = Counter()
+        keep_settings(self)  # every argument as an attribute; tokenizer, examples, weights and stats empty
+        self.train_examples: list[StepExample]
+        self.val_examples: list[StepExample]
+        self.stats: Counter
         self._sampler: ResumableSampler | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Read, validate, group, split and tokenise (with the model's tokenizer: ``trainer.lightning_module``)."""
-        if self.train_examples or self.val_examples:
-            return
-        if self.tokenizer is None:
-            if self.trainer is None or getattr(self.trainer.lightning_module, "tokenizer", None) is None:
-                raise RuntimeError("StepLabelDataModule needs a tokenizer: attach it to a trainer with a verifier")
-            self.tokenizer = self.trainer.lightning_module.tokenizer
-            model_limit = getattr(self.trainer.lightning_module, "max_positions", None)
-            if model_limit is not None and model_limit < self.max_length:
-                log.info("capping max_length %d at the model's %d positions", self.max_length, model_limit)
-                self.max_length = int(model_limit)
-        self.prepare(self.tokenizer)
+        setup_once(self)
 
     def prepare(self, tokenizer: Any) -> None:
         """Build the train and validation examples with ``tokenizer`` (``setup`` without a trainer)."""
-        pad_id_of(tokenizer)  # a tokenizer that cannot pad is refused before reading any data
-        self.tokenizer = tokenizer
-        bad = BadRecords(self.on_bad_record, "step-label record")
+        bad = start_prepare(self, tokenizer, "step-label record")
         records = valid_step_records(self.path, bad, self.step_delimiter)
         self.stats["records"] = len(records) + bad.count
         if not self.stats["records"]:
@@ -626,40 +285,13 @@ class StepLabelDataModule(LightningDataModule):
         return StepExample(cut, q, rollout.outcome, rollout.problem_id)
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        self._sampler = ResumableSampler(self.train_examples, world, rank, shuffle=True, seed=self.seed)
-        self._sampler.skip(resume_offset(trainer) * self.batch_size)
-        return self._loader(self.train_examples, StepLabelCollator(self._pad_id(), *self.weights), self._sampler)
+        loader, self._sampler = train_loader(
+            self, self.train_examples, StepLabelCollator(self._pad_id(), *self.weights)
+        )
+        return loader
 
     def val_dataloader(self) -> DataLoader:
-        check_validation_data(self, self.val_examples, f"data.val_fraction is {self.val_fraction}; raise it")
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = DistributedSampler(self.val_examples, num_replicas=world, rank=rank, shuffle=False)
-        return self._loader(self.val_examples, StepLabelCollator(self._pad_id()), sampler)
-
-    def _loader(self, examples: list, collate: Callable, sampler: Any) -> DataLoader:
-        return DataLoader(
-            examples,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return val_loader(self, self.val_examples, StepLabelCollator(self._pad_id()))
 
     def _pad_id(self) -> int:
         return pad_id_of(self.tokenizer)
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    """The id that pads batches: the tokenizer's pad token, else its eos (padding is masked out either way)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ValueError(
-            f"the tokenizer {name!r} has neither a pad nor an eos token, so batches cannot be padded; set "
-            "tokenizer.pad_token (e.g. to an existing special token) before training"
-        )
-    return int(pad)

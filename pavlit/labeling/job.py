@@ -1,7 +1,7 @@
 """``pavlit label``: seed rollouts and Monte-Carlo step labels for a split of a task, resumable and multi-rank.
 
 The problems are cut into fixed chunks; ranks take chunks round-robin and commit one shard per chunk atomically
-(:mod:`pavlit.labeling.shards`). Rerunning the same command after a crash or ``kill -9`` skips finished chunks.
+(:mod:`pavlit.jobs.shards`). Rerunning the same command after a crash or ``kill -9`` skips finished chunks.
 Every sampling call is seeded from ``(seed, chunk, phase)``, so the records are the same whatever the number of
 ranks and however often the job was interrupted.
 
@@ -21,86 +21,23 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pavlit.interfaces import SPLITS, Problem, Task
+from pavlit.interfaces import Problem, Task
+from pavlit.jobs.args import LaunchArgs, SamplerArgs
+from pavlit.jobs.atomic import atomic_write_lines, atomic_write_text
+from pavlit.jobs.chunks import ChunkProgress, JobSpec, run_chunks
+from pavlit.jobs.lock import output_lock
+from pavlit.jobs.settings import describe
+from pavlit.jobs.shards import ShardStore, chunks_for_rank
 from pavlit.labeling.mc import LabelArgs, label_chunk
 from pavlit.labeling.records import to_trl_prm
-from pavlit.labeling.shards import (
-    ShardStore,
-    atomic_write_lines,
-    atomic_write_text,
-    chunks_for_rank,
-    describe,
-    output_lock,
-)
-from pavlit.policy.backends import SamplerBackend, SamplingSettings, backend_fingerprint
+from pavlit.policy.backends import SamplerBackend
 from pavlit.policy.checks import check_prompts
 from pavlit.policy.sources import ModelSource
 
-
-@dataclass
-class SamplerArgs:
-    """Sampling settings shared by every rollout of a job.
-
-    Args:
-        temperature: Softmax temperature (1 = the policy's own distribution, which MC labels must use).
-        top_p: Nucleus mass (1 = off).
-        max_batch: Most sequences decoded at once (bounds memory; part of the seeding, so fixed per job).
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_batch: int = 256
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"SamplerArgs.temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplerArgs.top_p must be in (0, 1], got {self.top_p}")
-        if self.max_batch < 1:
-            raise ValueError(f"SamplerArgs.max_batch must be >= 1, got {self.max_batch}")
-
-
-@dataclass
-class LaunchArgs:
-    """Where the job runs; ranks split the chunks (``--trainer.devices 2`` runs two processes).
-
-    Args:
-        accelerator: ``cpu`` or ``cuda``.
-        devices: Processes per node.
-        num_nodes: Nodes (launch one command per node, e.g. with SLURM or torchrun-style environment variables).
-    """
-
-    accelerator: str = "cpu"
-    devices: int = 1
-    num_nodes: int = 1
-
-    def launch(self) -> Any:
-        """Start the job's processes with Lightning Fabric and return this process's ``Fabric``.
-
-        On CPU with several processes per node, each gets an equal share of the cores as torch threads
-        (spinning OpenMP threads that outnumber the cores slow small models down by an order of magnitude).
-        """
-        import torch
-        from lightning.fabric import Fabric
-
-        world = self.devices * self.num_nodes
-        fabric = Fabric(
-            accelerator=self.accelerator,
-            devices=self.devices,
-            num_nodes=self.num_nodes,
-            strategy="ddp" if world > 1 else "auto",
-        )
-        fabric.launch()
-        if fabric.device.type == "cpu" and fabric.world_size > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.devices))
-        return fabric
+__all__ = ["LaunchArgs", "SamplerArgs", "label", "label_command"]
 
 
 def label(
@@ -139,122 +76,66 @@ def label(
         The summary written to ``metrics.json`` (on rank 0; other ranks return their own counts).
     """
     label = label or LabelArgs()
-    sampler = sampler or SamplerArgs()
-    trainer = trainer or LaunchArgs()
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    check_num_problems("num_problems", num_problems)
+    job = JobSpec(task, policy, split, num_problems, sampler, chunk_size, seed, trainer, backend)
     if not isinstance(task.step_delimiter, str) or not task.step_delimiter:
         raise ValueError(
             f"task {type(task).__qualname__} has step_delimiter {task.step_delimiter!r}; a task must set a non-empty "
             "string that ends each step (e.g. '\\n')"
         )
-    settings = _settings(task, policy, split, num_problems, label, sampler, provers, chunk_size, seed)
-    settings.update(backend_fingerprint(backend))
+    provers = provers or {}
+    settings = job.settings(
+        split=split,
+        num_problems=num_problems,
+        label=vars(label),
+        provers={name: describe(p) for name, p in sorted(provers.items())},
+    )
     with output_lock(output_dir, "pavlit label"):
-        return _run(
-            task,
-            policy,
-            Path(output_dir),
-            split,
-            num_problems,
-            label,
-            sampler,
-            provers or {},
-            chunk_size,
-            seed,
-            trainer,
-            settings,
-            backend,
-        )
-
-
-def _settings(task, policy, split, num_problems, label, sampler, provers, chunk_size, seed) -> dict[str, Any]:
-    """What determines the records (ranks, devices and the output folder do not)."""
-    return {
-        "task": describe(task),
-        "policy": describe(policy),
-        "split": split,
-        "num_problems": num_problems,
-        "label": vars(label),
-        "sampler": vars(sampler),
-        "provers": {name: describe(p) for name, p in sorted((provers or {}).items())},
-        "chunk_size": chunk_size,
-        "seed": seed,
-    }
-
-
-def check_num_problems(field: str, num_problems: int | None) -> None:
-    """``num_problems`` is ``None`` (the whole split) or a positive count (``-1`` would silently drop the last)."""
-    if num_problems is not None and (isinstance(num_problems, bool) or num_problems < 1):
-        raise ValueError(f"{field} must be >= 1 (or null for the whole split), got {num_problems}")
+        return _run(job, Path(output_dir), label, provers, settings)
 
 
 def _run(
-    task, policy, out, split, num_problems, label_args, sampler_args, provers, chunk_size, seed, trainer, settings,
-    backend=None,
-) -> dict[str, Any]:  # fmt: skip
+    job: JobSpec, out: Path, label_args: LabelArgs, provers: dict[str, ModelSource], settings: dict[str, Any]
+) -> dict[str, Any]:
     from pavlit.policy.backends import PavlitBackend
 
-    fabric = trainer.launch()
+    fabric = job.trainer.launch()
     rank, world = fabric.global_rank, fabric.world_size
 
-    problems = list(task.problems(split))
-    if num_problems is not None:
-        problems = problems[:num_problems]
-    if not problems:
-        raise ValueError(f"the task has no problems in split {split!r}")
-    n_chunks = math.ceil(len(problems) / chunk_size)
+    problems = job.problems()
+    n_chunks = math.ceil(len(problems) / job.chunk_size)
     store = ShardStore(out, settings)
     rollout_store = ShardStore(out / "rollouts", settings)
     # A chunk is done when both of its shards pass their integrity checks (a failing one is set aside and redone).
     todo = [c for c in chunks_for_rank(n_chunks, rank, world) if not (store.is_done(c) and rollout_store.is_done(c))]
 
-    engine = backend or PavlitBackend()
-    sampling = SamplingSettings(
-        temperature=sampler_args.temperature,
-        top_p=sampler_args.top_p,
-        max_new_tokens=label_args.max_new_tokens,
-        max_batch=sampler_args.max_batch,
-        delimiter=task.step_delimiter,
-    )
+    engine = job.backend or PavlitBackend()
+    sampling = job.sampler.settings(label_args.max_new_tokens, job.task.step_delimiter)
 
     def make_sampler(source: ModelSource) -> Any:
         return engine.build(source, sampling, fabric.device)
 
     stats = {"chunks": 0, "problems": 0, "prefixes": 0, "completions": 0, "generated_tokens": 0}
     if todo:
-        pi = make_sampler(policy)
+        pi = make_sampler(job.policy)
         # A vLLM sampler has no torch model here; it carries the model's config itself.
         check_prompts(problems, getattr(pi, "model", pi), pi.tokenizer, label_args.max_new_tokens)
         prover_samplers = {name: make_sampler(source) for name, source in provers.items()}
-        progress = _progress(len(todo), rank, world, n_chunks - len(todo) if world == 1 else None)
-        start = time.perf_counter()
-        for chunk in todo:
-            chunk_problems = problems[chunk * chunk_size : (chunk + 1) * chunk_size]
-            result = label_chunk(pi, task, chunk_problems, label_args, chunk, seed, provers=prover_samplers)
+
+        def run_chunk(chunk: int) -> dict[str, int]:
+            chunk_problems = problems[chunk * job.chunk_size : (chunk + 1) * job.chunk_size]
+            result = label_chunk(pi, job.task, chunk_problems, label_args, chunk, job.seed, provers=prover_samplers)
             # Rollouts first: a chunk counts as done once its labels are committed, and a rerun rewrites both.
             rollout_store.commit(chunk, result.rollouts)
             store.commit(chunk, result.labels)
-            stats["chunks"] += 1
-            stats["problems"] += len(chunk_problems)
-            stats["prefixes"] += len(result.labels)
-            stats["completions"] += result.n_completions
-            stats["generated_tokens"] += result.generated_tokens
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(
-                    problems_s=f"{stats['problems'] / elapsed:.2f}",
-                    prefixes_s=f"{stats['prefixes'] / elapsed:.1f}",
-                    rollouts_s=f"{stats['completions'] / elapsed:.1f}",
-                    tok_s=f"{stats['generated_tokens'] / elapsed:.0f}",
-                )
-        stats["seconds"] = time.perf_counter() - start
-        if progress is not None:
-            progress.close()
+            return {
+                "chunks": 1,
+                "problems": len(chunk_problems),
+                "prefixes": len(result.labels),
+                "completions": result.n_completions,
+                "generated_tokens": result.generated_tokens,
+            }
+
+        run_chunks(todo, run_chunk, stats, ChunkProgress("label", "chunk", rank, world, n_chunks), _postfix)
     fabric.barrier()
     if rank != 0:
         return stats
@@ -267,18 +148,18 @@ def _run(
     return summary
 
 
+def _postfix(chunk: int, stats: dict[str, Any], elapsed: float) -> dict[str, str]:
+    return {
+        "problems_s": f"{stats['problems'] / elapsed:.2f}",
+        "prefixes_s": f"{stats['prefixes'] / elapsed:.1f}",
+        "rollouts_s": f"{stats['completions'] / elapsed:.1f}",
+        "tok_s": f"{stats['generated_tokens'] / elapsed:.0f}",
+    }
+
+
 def check_prompts_fit(problems: list[Problem], model: Any, tokenizer: Any) -> None:
     """Refuse prompts the policy cannot read (``<unk>``) or that fill its context (:func:`check_prompts`)."""
     check_prompts(problems, model, tokenizer)
-
-
-def _progress(total: int, rank: int, world: int, already: int | None):
-    if rank != 0:
-        return None
-    from tqdm.auto import tqdm
-
-    note = f" ({already} chunks already done)" if already else ""
-    return tqdm(total=total, desc=f"label rank {rank}/{world}{note}", unit="chunk", file=sys.stderr)
 
 
 def _summarise(store: ShardStore, rollout_store: ShardStore, n_problems: int, stats: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,6 @@ depend on which rank computes it or on whether the run was interrupted before.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from pavlit.interfaces import Problem, Task
+from pavlit.jobs.seeds import phase_seed
 from pavlit.labeling.records import StepLabel
 from pavlit.policy.sampler import Sampler
 from pavlit.steps import split_steps
@@ -62,12 +62,6 @@ class LabelArgs:
             raise ValueError("LabelArgs.pit_n_cheap and pit_n_mc must be >= 1 when first_pit is on")
         if not 0.0 < self.pit_threshold <= 1.0:
             raise ValueError(f"LabelArgs.pit_threshold must be in (0, 1], got {self.pit_threshold}")
-
-
-def phase_seed(seed: int, chunk: int, phase: str) -> int:
-    """A 63-bit seed for one sampling phase of one chunk, independent of ranks and restarts."""
-    digest = hashlib.sha256(f"{seed}:{chunk}:{phase}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @dataclass

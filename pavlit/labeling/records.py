@@ -6,13 +6,14 @@ labels from several runs, or apply an unbiased Best-of-K estimate (:func:`pavlit
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pavlit.jobs.jsonl import json_objects
 
 #: Fields every step-label record carries, with the type a reader checks.
 REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -98,37 +99,11 @@ def _type_name(expected: type | tuple[type, ...]) -> str:
     return expected.__name__
 
 
-def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """``(line number, line)`` of a UTF-8 text file; a line that is not UTF-8 raises naming the file and line.
-
-    Raises:
-        ValueError: ``<path>:<line>: not UTF-8 text (...)``.
-    """
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                yield line_no, raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(
-                    f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
-                    "expected a UTF-8 encoded file"
-                ) from None
-
-
 def read_jsonl(path: str | Path, validate: bool = True) -> Iterator[dict[str, Any]]:
     """Stream records from one JSONL file, with errors that name the file and line."""
-    path = Path(path)
-    for line_no, line in text_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg}); is the file truncated?") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+    for where, record in json_objects(Path(path), invalid="not valid JSON ({msg}); is the file truncated?"):
         if validate:
-            validate_record(record, f"{path}:{line_no}")
+            validate_record(record, where)
         yield record
 
 

@@ -2,7 +2,7 @@
 
 The problems are cut into fixed chunks; a unit of work is one (method, chunk), run at every budget of the method
 at once (best-of-N draws its largest N once). Ranks take units round-robin and commit one shard per unit
-atomically (:mod:`pavlit.labeling.shards`): rerunning the same command after a crash skips finished units. Every
+atomically (:mod:`pavlit.jobs.shards`): rerunning the same command after a crash skips finished units. Every
 unit is seeded from ``(seed, chunk)`` alone, so all methods start from the same random stream on the same
 problems (paired comparisons), and the results do not depend on the number of ranks or on interruptions.
 
@@ -25,20 +25,23 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pavlit.interfaces import SPLITS, Problem, Reward, Sampler, Search, Task
-from pavlit.labeling.job import LaunchArgs, SamplerArgs, check_num_problems
-from pavlit.labeling.mc import phase_seed
-from pavlit.labeling.shards import ShardStore, atomic_write_text, chunks_for_rank, describe, output_lock
+from pavlit.interfaces import Problem, Reward, Sampler, Task
+from pavlit.jobs.args import LaunchArgs, SamplerArgs
+from pavlit.jobs.atomic import atomic_write_text
+from pavlit.jobs.chunks import ChunkProgress, JobSpec, run_chunks
+from pavlit.jobs.lock import output_lock
+from pavlit.jobs.seeds import phase_seed
+from pavlit.jobs.settings import describe
+from pavlit.jobs.shards import ShardStore, chunks_for_rank
 from pavlit.policy.backends import SamplerBackend
 from pavlit.policy.checks import check_prompts
 from pavlit.policy.sources import ModelSource
 from pavlit.search import report
+from pavlit.search.methods import AlphaSweep, Efficiency, Method, check_budgets
 
 __all__ = ["AlphaSweep", "Efficiency", "Method", "search", "search_command"]
 
@@ -47,73 +50,6 @@ PLOT_NAME = "accuracy_vs_compute.png"
 #: Fewest bootstrap resamples: below this the 2.5% and 97.5% percentiles of the resampled means are (almost) the
 #: same resample, and the "95% CI" collapses towards the point.
 MIN_BOOTSTRAP = 10
-
-
-@dataclass
-class Method:
-    """One line of the comparison: a strategy with a reward composition.
-
-    Args:
-        name: The method's label in the table and plot (e.g. ``orm_bon``, ``pav_beam``).
-        search: The strategy (``BestOfN``, ``BeamSearch``, ``DVTS``, or a plugin).
-        reward: The reward composition (``ORMReward``, ``PQVReward``, ``PAVReward``, ``MCReward``, or a plugin);
-            ``None`` only for best-of-N by majority vote.
-        budgets: This method's budgets (default, or ``null``: the job's), e.g. smaller widths for beam search,
-            which spends about C·B step samples per depth. An empty list is refused.
-    """
-
-    name: str
-    search: Search
-    reward: Reward | None = None
-    budgets: list[int] | None = None
-
-
-@dataclass
-class AlphaSweep:
-    """Choose α on a validation split before the test run (docs/method.md §5: α over [0, 1] in steps of 0.1).
-
-    Args:
-        method: The method whose reward's ``alpha`` is tuned.
-        alphas: The values tried.
-        split: Where they are tried (never the test split).
-        num_problems: Use only the first problems of the split.
-        budgets: Budgets tried per α (default: the method's); the choice maximises the mean accuracy over them.
-        apply_to: Other methods whose reward gets the chosen α too.
-    """
-
-    method: str
-    alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
-    split: str = "validation"
-    num_problems: int | None = None
-    budgets: list[int] | None = None
-    apply_to: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.alphas:
-            raise ValueError("AlphaSweep.alphas must not be empty")
-        if self.split not in SPLITS or self.split == "test":
-            raise ValueError(f"AlphaSweep.split must be 'train' or 'validation', got {self.split!r}")
-        bad = [a for a in self.alphas if not math.isfinite(a)]
-        if bad:
-            raise ValueError(f"AlphaSweep.alphas must be finite numbers, got {bad}")
-        check_num_problems("AlphaSweep.num_problems", self.num_problems)
-        if self.budgets is not None:
-            check_budgets("AlphaSweep.budgets", self.budgets)
-
-
-@dataclass
-class Efficiency:
-    """Which lines the compute-efficiency ratio compares (method names; a pick as ``name [pick]``).
-
-    A name that is not one of the job's methods is refused before anything runs.
-
-    Args:
-        baseline: Default: the first best-of-N method with an ``orm`` reward.
-        target: Default: the first beam-search method with a ``pav`` reward.
-    """
-
-    baseline: str | None = None
-    target: str | None = None
 
 
 def search(
@@ -158,18 +94,12 @@ def search(
     Returns:
         The ``results.json`` content (on rank 0; other ranks return their own counts).
     """
-    sampler = sampler or SamplerArgs()
-    trainer = trainer or LaunchArgs()
     names = [m.name for m in methods]
     if not methods:
         raise ValueError("give at least one method")
     if len(set(names)) != len(names):
         raise ValueError(f"method names must be unique, got {names}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    check_num_problems("num_problems", num_problems)
+    job = JobSpec(task, policy, split, num_problems, sampler, chunk_size, seed, trainer, backend)
     if isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if bootstrap < MIN_BOOTSTRAP:
@@ -193,22 +123,9 @@ def search(
                 raise ValueError(f"alpha_sweep names method {name!r}, which is not among {names}")
             if not hasattr(_method(methods, name).reward, "alpha"):
                 raise ValueError(f"method {name!r} has no reward with an alpha to sweep")
+    plan = _Plan(methods, budgets, max_new_tokens, alpha_sweep, efficiency or Efficiency(), bootstrap)
     with output_lock(output_dir, "pavlit search"):
-        return _run(
-            task, policy, methods, Path(output_dir), split, num_problems, budgets, max_new_tokens, sampler,
-            alpha_sweep, efficiency or Efficiency(), chunk_size, seed, bootstrap, trainer, backend,
-        )  # fmt: skip
-
-
-def check_budgets(field: str, budgets: list[int]) -> None:
-    """Budgets are a non-empty list of distinct positive integers (a repeated one would be run and counted twice)."""
-    if not budgets:
-        raise ValueError(f"{field} must not be empty")
-    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in budgets):
-        raise ValueError(f"{field} must be >= 1, got {list(budgets)}")
-    repeated = sorted({b for b in budgets if list(budgets).count(b) > 1})
-    if repeated:
-        raise ValueError(f"{field} must be distinct, got {list(budgets)} ({repeated} repeated)")
+        return _run(job, plan, Path(output_dir))
 
 
 def _method(methods: list[Method], name: str) -> Method:
@@ -220,15 +137,6 @@ def _describe_methods(methods: list[Method], budgets: list[int]) -> list[dict[st
         {"name": m.name, "search": describe(m.search), "reward": describe(m.reward), "budgets": m.budgets or budgets}
         for m in methods
     ]
-
-
-def _problems(task: Task, split: str, num_problems: int | None) -> list[Problem]:
-    problems = list(task.problems(split))
-    if num_problems is not None:
-        problems = problems[:num_problems]
-    if not problems:
-        raise ValueError(f"the task has no problems in split {split!r}")
-    return problems
 
 
 def _records(
@@ -262,126 +170,118 @@ def _records(
     return records
 
 
+@dataclass
+class _Plan:
+    """What ``search`` compares, beyond what every chunked job has (:class:`~pavlit.jobs.chunks.JobSpec`)."""
+
+    methods: list[Method]
+    budgets: list[int]
+    max_new_tokens: int
+    sweep: AlphaSweep | None
+    efficiency: Efficiency
+    bootstrap: int
+
+
+@dataclass
+class _Unit:
+    """One unit of work: a method (under a line label) at its budgets on one chunk of problems."""
+
+    method: Method
+    label: str
+    budgets: list[int]
+    chunk: int
+
+
 def _work(
-    units: list[tuple[Method, str, list[int], int]],
-    store: ShardStore,
-    problems: list[Problem],
-    chunk_size: int,
-    task: Task,
-    sampler: Sampler,
-    seed: int,
-    rank: int,
-    world: int,
+    job: JobSpec, units: list[_Unit], store: ShardStore, problems: list[Problem], sampler: Sampler, fabric: Any,
     desc: str,
-) -> dict[str, Any]:
+) -> dict[str, Any]:  # fmt: skip
     """Run this rank's units not yet committed; one shard per unit."""
+    rank, world = fabric.global_rank, fabric.world_size
     todo = [u for u in chunks_for_rank(len(units), rank, world) if not store.is_done(u)]
     stats = {"units": 0, "problems": 0, "generated_tokens": 0, "reward_tokens": 0, "seconds": 0.0}
-    if not todo:
-        return stats
-    progress = None
-    if rank == 0:
-        from tqdm.auto import tqdm
 
-        done = len(units) - len(todo) if world == 1 else 0
-        note = f" ({done} units already done)" if done else ""
-        progress = tqdm(total=len(todo), desc=f"{desc} rank {rank}/{world}{note}", unit="unit", file=sys.stderr)
-    start = time.perf_counter()
-    for unit in todo:
-        method, label, budgets, chunk = units[unit]
-        chunk_problems = problems[chunk * chunk_size : (chunk + 1) * chunk_size]
-        records = _records(method, label, budgets, chunk_problems, task, sampler, phase_seed(seed, chunk, "search"))
-        store.commit(unit, records)
-        stats["units"] += 1
-        stats["problems"] += len(chunk_problems)
-        stats["generated_tokens"] += sum(r["tokens"] for r in records)
-        stats["reward_tokens"] += sum(r["reward_tokens"] for r in records)
-        if progress is not None:
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            progress.update(1)
-            progress.set_postfix(method=label, tok_s=f"{stats['generated_tokens'] / elapsed:.0f}")
-    stats["seconds"] = time.perf_counter() - start
-    if progress is not None:
-        progress.close()
-    return stats
+    def run_unit(index: int) -> dict[str, int]:
+        unit = units[index]
+        chunk_problems = problems[unit.chunk * job.chunk_size : (unit.chunk + 1) * job.chunk_size]
+        seed = phase_seed(job.seed, unit.chunk, "search")
+        records = _records(unit.method, unit.label, unit.budgets, chunk_problems, job.task, sampler, seed)
+        store.commit(index, records)
+        return {
+            "units": 1,
+            "problems": len(chunk_problems),
+            "generated_tokens": sum(r["tokens"] for r in records),
+            "reward_tokens": sum(r["reward_tokens"] for r in records),
+        }
+
+    def postfix(index: int, stats: dict[str, Any], elapsed: float) -> dict[str, str]:
+        return {"method": units[index].label, "tok_s": f"{stats['generated_tokens'] / elapsed:.0f}"}
+
+    return run_chunks(todo, run_unit, stats, ChunkProgress(desc, "unit", rank, world, len(units)), postfix)
 
 
-def _run(
-    task, policy, methods, out, split, num_problems, budgets, max_new_tokens, sampler_args, sweep, efficiency,
-    chunk_size, seed, bootstrap, trainer, backend=None,
-) -> dict[str, Any]:  # fmt: skip
+def _run(job: JobSpec, plan: _Plan, out: Path) -> dict[str, Any]:
+    from pavlit.policy.backends import PavlitBackend
 
-    from pavlit.policy.backends import PavlitBackend, SamplingSettings, backend_fingerprint
-
-    fabric = trainer.launch()
-    rank, world = fabric.global_rank, fabric.world_size
-
-    sampling = SamplingSettings(
-        temperature=sampler_args.temperature,
-        top_p=sampler_args.top_p,
-        max_new_tokens=max_new_tokens,
-        max_batch=sampler_args.max_batch,
-        delimiter=task.step_delimiter,
-    )
-    sampler = (backend or PavlitBackend()).build(policy, sampling, fabric.device)
+    task, methods, budgets, sweep, bootstrap = job.task, plan.methods, plan.budgets, plan.sweep, plan.bootstrap
+    fabric = job.trainer.launch()
+    rank = fabric.global_rank
+    sampling = job.sampler.settings(plan.max_new_tokens, task.step_delimiter)
+    sampler = (job.backend or PavlitBackend()).build(job.policy, sampling, fabric.device)
     # A vLLM sampler has no torch model here; it carries the model's config itself.
     model, tokenizer = getattr(sampler, "model", sampler), sampler.tokenizer
     # The same checks as `pavlit label`: prompts the tokenizer covers and the context holds, a response cap within it.
-    check_prompts(_problems(task, split, num_problems), model, tokenizer, max_new_tokens)
+    check_prompts(job.problems(), model, tokenizer, plan.max_new_tokens)
     if sweep is not None:
-        check_prompts(_problems(task, sweep.split, sweep.num_problems), model, tokenizer)
-    common = {
-        "task": describe(task),
-        "policy": describe(policy),
-        "max_new_tokens": max_new_tokens,
-        "sampler": vars(sampler_args),
-        "chunk_size": chunk_size,
-        "seed": seed,
-        **backend_fingerprint(backend),
-    }
+        check_prompts(job.problems(sweep.split, sweep.num_problems), model, tokenizer)
     stats: dict[str, Any] = {}
     sweep_summary = None
     if sweep is not None:
         swept = _method(methods, sweep.method)
-        val_problems = _problems(task, sweep.split, sweep.num_problems)
+        val_problems = job.problems(sweep.split, sweep.num_problems)
         sweep_budgets = sweep.budgets or swept.budgets or budgets
-        n_chunks = math.ceil(len(val_problems) / chunk_size)
-        settings = {
-            **common,
-            "split": sweep.split,
-            "num_problems": sweep.num_problems,
-            "method": _describe_methods([swept], sweep_budgets)[0],
-            "alphas": sweep.alphas,
-        }
+        n_chunks = math.ceil(len(val_problems) / job.chunk_size)
+        settings = job.settings(
+            max_new_tokens=plan.max_new_tokens,
+            split=sweep.split,
+            num_problems=sweep.num_problems,
+            method=_describe_methods([swept], sweep_budgets)[0],
+            alphas=sweep.alphas,
+        )
         store = ShardStore(out / "sweep", settings)
         units = []
         for alpha in sweep.alphas:
             variant = Method(swept.name, swept.search, _with_alpha(swept.reward, alpha), sweep_budgets)
-            units += [(variant, f"alpha={alpha:g}", sweep_budgets, c) for c in range(n_chunks)]
-        stats["sweep"] = _work(units, store, val_problems, chunk_size, task, sampler, seed, rank, world, "α sweep")
+            units += [_Unit(variant, f"alpha={alpha:g}", sweep_budgets, c) for c in range(n_chunks)]
+        stats["sweep"] = _work(job, units, store, val_problems, sampler, fabric, "α sweep")
         fabric.barrier()
-        sweep_summary = _choose_alpha(store, sweep, bootstrap, seed)
+        sweep_summary = _choose_alpha(store, sweep, bootstrap, job.seed)
         for name in [sweep.method, *sweep.apply_to]:
             _method(methods, name).reward.alpha = sweep_summary["chosen"]
 
-    problems = _problems(task, split, num_problems)
-    n_chunks = math.ceil(len(problems) / chunk_size)
-    settings = {**common, "split": split, "num_problems": num_problems, "methods": _describe_methods(methods, budgets)}
+    problems = job.problems()
+    n_chunks = math.ceil(len(problems) / job.chunk_size)
+    settings = job.settings(
+        max_new_tokens=plan.max_new_tokens,
+        split=job.split,
+        num_problems=job.num_problems,
+        methods=_describe_methods(methods, budgets),
+    )
     store = ShardStore(out, settings)
-    units = [(m, m.name, m.budgets or budgets, c) for m in methods for c in range(n_chunks)]
-    stats["test"] = _work(units, store, problems, chunk_size, task, sampler, seed, rank, world, "search")
+    units = [_Unit(m, m.name, m.budgets or budgets, c) for m in methods for c in range(n_chunks)]
+    stats["test"] = _work(job, units, store, problems, sampler, fabric, "search")
     fabric.barrier()
     if rank != 0:
         return stats
 
-    points = report.summarise(store.records(), n_resamples=bootstrap, seed=seed)
-    baseline, target = _efficiency_lines(methods, efficiency)
+    points = report.summarise(store.records(), n_resamples=bootstrap, seed=job.seed)
+    baseline, target = _efficiency_lines(methods, plan.efficiency)
     lines = {p.line for p in points}
     eff = report.compute_efficiency(points, baseline, target) if baseline in lines and target in lines else None
     header = {
-        "task": f"{type(task).__name__} ({split}, {len(problems)} problems)",
-        "policy": describe(policy),
-        "seed": seed,
+        "task": f"{type(task).__name__} ({job.split}, {len(problems)} problems)",
+        "policy": describe(job.policy),
+        "seed": job.seed,
         "bootstrap resamples": bootstrap,
         "methods": ", ".join(f"`{m.name}` = {m.search!r} + {m.reward!r}" for m in methods),
     }

@@ -12,7 +12,6 @@ Responses are scored by extracting their final answer in the same ``style`` and 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -20,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pavlit.interfaces import SPLITS, Problem, Task
-from pavlit.labeling.records import text_lines
+from pavlit.jobs.jsonl import json_objects
 from pavlit.tasks.answers import answers_match, extract_answer, has_final_answer, normalize_answer, split_solution
 
 __all__ = ["JsonlTask"]
@@ -108,11 +107,9 @@ class JsonlTask(Task):
                 what = "a directory" if os.path.isdir(path) else "no such file"
                 raise FileNotFoundError(f"JsonlTask {split}_path: {path!r} is {what}; expected a JSON Lines file")
             n_rows = 0
-            for line_number, line in text_lines(path):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_number}"
-                problem = self._parse(split, len(problems), line, where)
+            rows = json_objects(path, invalid="invalid JSON ({msg}); expected one JSON object per line")
+            for where, row in rows:
+                problem = self._parse(split, len(problems), row, where)
                 if problem.id in ids:
                     raise ValueError(f"{where}: duplicate id {problem.id!r} (first at {ids[problem.id]})")
                 ids[problem.id] = where
@@ -134,13 +131,7 @@ class JsonlTask(Task):
                 return str(value)
         raise ValueError(f"{where}: missing field {' or '.join(map(repr, names))} (row has {sorted(row)})")
 
-    def _parse(self, split: str, index: int, line: str, where: str) -> Problem:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: invalid JSON ({error.msg}); expected one JSON object per line") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    def _parse(self, split: str, index: int, row: dict[str, Any], where: str) -> Problem:
         question = self._field(row, self.question_field, _QUESTION_FIELDS, where)
         if not question.strip():
             name = self.question_field or next(n for n in _QUESTION_FIELDS if n in row)
