@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from pavlit.data.loading import pad_id_of
 from pavlit.interfaces import Problem, Task
 from pavlit.jobs.jsonl import json_objects
 from pavlit.jobs.shards import check_job_folder
@@ -224,7 +225,7 @@ class SFTDataModule(LightningDataModule):
     def _loader(
         self, examples: list[SFTExample], shuffle: bool, generator: torch.Generator | None = None
     ) -> DataLoader:
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad_id = pad_id_of(self.tokenizer)
         return DataLoader(
             examples,
             batch_size=self.batch_size,

@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pavlit.interfaces import Problem, Task
+from pavlit.interfaces import Task
 from pavlit.jobs.args import LaunchArgs, SamplerArgs
 from pavlit.jobs.atomic import atomic_write_lines, atomic_write_text
 from pavlit.jobs.chunks import ChunkProgress, JobSpec, run_chunks
@@ -155,11 +155,6 @@ def _postfix(chunk: int, stats: dict[str, Any], elapsed: float) -> dict[str, str
         "rollouts_s": f"{stats['completions'] / elapsed:.1f}",
         "tok_s": f"{stats['generated_tokens'] / elapsed:.0f}",
     }
-
-
-def check_prompts_fit(problems: list[Problem], model: Any, tokenizer: Any) -> None:
-    """Refuse prompts the policy cannot read (``<unk>``) or that fill its context (:func:`check_prompts`)."""
-    check_prompts(problems, model, tokenizer)
 
 
 def _summarise(store: ShardStore, rollout_store: ShardStore, n_problems: int, stats: dict[str, Any]) -> dict[str, Any]:
