@@ -610,7 +610,7 @@ def _lightning_classes() -> dict[str, type]:
         def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
             super().setup(trainer, pl_module, stage)
             if stage == "fit" and trainer.is_global_zero:
-                from pavlit.labeling.shards import atomic_write_text
+                from pavlit.jobs.atomic import atomic_write_text
 
                 record = json.dumps({"settings": self.settings}, indent=2, sort_keys=True) + "\n"
                 atomic_write_text(Path(self.root, RESUME_SETTINGS), record)

@@ -32,7 +32,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.utilities import dim_zero_cat
 
-from pavlit.labeling.shards import atomic_write_text
+from pavlit.jobs.atomic import atomic_write_text
 from pavlit.models.adapters import LoRAArgs, QuantArgs, apply_lora, check_compatible, load_quantized
 from pavlit.models.heads import HEAD_TYPES, LikelihoodHead, TokenHead, ValueHead
 from pavlit.policy.sources import ModelSource, Pretrained
