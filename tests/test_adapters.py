@@ -239,7 +239,7 @@ def test_disabled_lora_returns_the_model_unchanged():
 
 def test_lora_trains_only_adapters_and_logs_the_count(caplog):
     base_total = count_parameters(tiny_llama())[1]
-    with caplog.at_level(logging.INFO, logger="pavlit.models.adapters"):
+    with caplog.at_level(logging.INFO, logger="pavlit.models.lora"):
         model = apply_lora(tiny_llama(), LoRAArgs(enabled=True, r=4, dropout=0.0))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name for name in trainable)
@@ -440,7 +440,7 @@ def test_4bit_inference_kernel_is_chosen_per_layer(
     bnb, tiny_dir, monkeypatch, caplog, fused, compute_dtype, kernel, reason
 ):
     force_bnb_cpu_kernel(monkeypatch, fused)
-    with caplog.at_level(logging.INFO, logger="pavlit.models.adapters"):
+    with caplog.at_level(logging.INFO, logger="pavlit.models.quantization"):
         model = load_quantized(tiny_dir, QuantArgs(mode="nf4", compute_dtype=compute_dtype), device="cpu")
     kernels = cpu_4bit_kernels(model)
     assert len(kernels) == LAYERS * 7 and set(kernels.values()) == {kernel}
@@ -469,7 +469,7 @@ def test_4bit_inference_on_layers_narrower_than_the_block_size(bnb, tmp_path, mo
     logits = {}
     for fused in (True, False):
         force_bnb_cpu_kernel(monkeypatch, fused)
-        with caplog.at_level(logging.INFO, logger="pavlit.models.adapters"):
+        with caplog.at_level(logging.INFO, logger="pavlit.models.quantization"):
             model = load_quantized(tmp_path, quant, device="cpu")
         kernels = cpu_4bit_kernels(model)
         # only down_proj (64 -> 32) has an input as wide as a block, and its 32 outputs fit the layout
