@@ -198,7 +198,7 @@ def test_default_run_dir(tmp_path, monkeypatch):
         def now():
             return datetime(2024, 5, 6, 7, 8, 9)
 
-    monkeypatch.setattr("pavlit.cli.datetime", FrozenClock)
+    monkeypatch.setattr("pavlit.cli.resume.datetime", FrozenClock)  # default_run_dir lives there
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)
     names = []
     for _ in range(3):
