@@ -18,6 +18,10 @@ A plugin is a class that subclasses one of these and is named in its package's `
 
 ``pavlit plugins`` then lists it, and a LightningCLI YAML selects it by short class name
 (``class_path: TemperedProver``) or by full import path.
+
+Two more contracts are not entry-point groups: :class:`Sampler`, the type of the policy's sampler that rewards,
+searches and provers call, and :class:`AdvantageSource`, where online RL gets ``Q^μ`` (:mod:`pavlit.advantages`
+holds pavlit's; a YAML names one by short class name once its module is imported).
 """
 
 from __future__ import annotations
@@ -259,3 +263,30 @@ class Sampler(Protocol):
     ) -> SamplerOutput:
         """``n`` samples of exactly one next step per prefix: text up to and including the first delimiter."""
         ...
+
+
+class AdvantageSource(ABC):
+    """Where ``Q^μ`` (and so ``Â^μ``) of the steps of RL rollouts comes from."""
+
+    @abstractmethod
+    def prefix_values(
+        self,
+        problems: Sequence[Problem],
+        steps: Sequence[Sequence[str]],
+        *,
+        task: Task,
+        sampler: Sampler,
+        seed: int | None = None,
+    ) -> list[torch.Tensor]:
+        """``Q^μ`` of every prefix ``h = 0..H`` of each rollout.
+
+        Args:
+            problems: The problem of each rollout.
+            steps: Each rollout's steps.
+            task: Scores completions (Monte-Carlo sources).
+            sampler: The current policy's sampler (its ``device`` is where models go).
+            seed: Seed for sources that sample.
+
+        Returns:
+            One float tensor ``[H_i + 1]`` per rollout, values in [0, 1], column 0 the question-only prefix.
+        """

@@ -9,18 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch import Trainer
 
+from pavlit.advantages import MCAdvantages, PAVAdvantages
 from pavlit.cli import RUN_DIR_ENV, main
 from pavlit.data.prompts import PromptBatch, PromptBatches, PromptDataModule
-from pavlit.interfaces import Problem, Task
+from pavlit.interfaces import AdvantageSource, Problem, Task
 from pavlit.modules.pav import PAVModule
 from pavlit.modules.rl import PolicyRLModule
 from pavlit.policy.sources import Pretrained, TinyPolicy
 from pavlit.policy.tokenizer import build_char_tokenizer
-from pavlit.provers.best_of_k import BestOfK
-from pavlit.rl import (
-    AdvantageSource,
-    MCAdvantages,
-    PAVAdvantages,
+from pavlit.policy_gradient import (
     broadcast_to_tokens,
     effective_step_rewards,
     kl_penalty,
@@ -30,6 +27,7 @@ from pavlit.rl import (
     step_ends_from_token_starts,
     token_step_index,
 )
+from pavlit.provers.best_of_k import BestOfK
 from pavlit.steps import split_steps, step_end_token_indices
 from pavlit.tasks.arithmetic import ALPHABET, ArithmeticTask
 from pavlit.values import best_of_k

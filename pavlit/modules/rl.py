@@ -5,7 +5,7 @@ training step takes a batch of prompts and
 
 1. samples ``samples_per_prompt`` responses per prompt from the current policy (pavlit's
    :class:`~pavlit.policy.sampler.Sampler`, eval mode, no grad), scores each with the task's checker (``R``),
-   splits it into steps and asks the injected :class:`~pavlit.rl.AdvantageSource` for ``Q^μ`` of every prefix;
+   splits it into steps and asks the injected :class:`~pavlit.interfaces.AdvantageSource` for ``Q^μ`` of every prefix;
 2. weights every token of step ``h`` with ``w = R + α·Â^μ(s_h, a_h) − b`` (``reward_form="q_mu"``: ``Q^μ(s_h, a_h)``
    instead of ``Â^μ``, the paper's collapse ablation; no source: α·0, ORM-RL). The baseline ``b`` is a linear
    value head on the policy's (detached) last hidden state before each token, regressed with a squared loss onto
@@ -13,7 +13,7 @@ training step takes a batch of prompts and
 3. minimises ``−Σ w_t log π(a_t)`` (optionally PPO-clipped against the policy that sampled the rollouts, reused for
    ``ppo_epochs`` steps), plus the value loss, with a KL penalty toward the frozen reference (default: a copy of
    the initial, RFT, policy): ``k1`` subtracts ``kl_coef·(log π − log π_ref)`` from each token's weight, ``k2`` /
-   ``k3`` add ``kl_coef·mean(k)`` to the loss (:func:`pavlit.rl.kl_penalty`).
+   ``k3`` add ``kl_coef·mean(k)`` to the loss (:func:`pavlit.policy_gradient.kl_penalty`).
 
 Log-probabilities are those of the sampling distribution (logits divided by ``temperature``). Logged per step
 (``train/``): ``accuracy``, ``reward/outcome``, ``reward/process`` (mean ``α·Â^μ`` per step), ``kl``, ``entropy``,
@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 
+from pavlit.advantages import AdvantageSource  # imports PAVAdvantages, MCAdvantages: YAML can name them by short name
 from pavlit.data.prompts import PromptBatch
 from pavlit.interfaces import Problem, Task
 from pavlit.models.adapters import LoRAArgs, apply_lora
@@ -45,8 +46,7 @@ from pavlit.policy.backends import PavlitBackend, SamplerBackend, SamplingSettin
 from pavlit.policy.loading import Policy
 from pavlit.policy.sampler import Sampler
 from pavlit.policy.sources import ModelSource, TinyPolicy
-from pavlit.rl import (
-    AdvantageSource,
+from pavlit.policy_gradient import (
     KLEstimator,
     broadcast_to_tokens,
     effective_step_rewards,
@@ -94,14 +94,16 @@ class PolicyRLModule(LightningModule):
         policy: The initial policy (the RFT model; docs/method.md §6).
         reference: The KL anchor; ``None``: a frozen copy of the initial policy.
         task: Scores rollouts; ``None``: the datamodule's ``task``.
-        advantages: Source of ``Q^μ`` (``pavlit.rl.PAVAdvantages``, ``pavlit.rl.MCAdvantages``); ``None``: ORM-RL.
+        advantages: Source of ``Q^μ`` (``PAVAdvantages`` or ``MCAdvantages``, :mod:`pavlit.advantages`); ``None``:
+            ORM-RL.
         alpha: Weight of the process term (paper: 5 for a 2B policy, 3 for 9B).
         reward_form: ``"advantage"`` (``Â^μ``, the method) or ``"q_mu"`` (``Q^μ`` of the step, the failure mode).
         samples_per_prompt: Rollouts per prompt and step.
         baseline: ``"value_head"`` (the paper), ``"leave_one_out"`` (mean outcome of the prompt's other samples)
             or ``"none"``.
         kl_coef: Weight of the KL penalty toward ``reference`` (paper: 0.001); 0 loads no reference.
-        kl_estimator: ``"k1"`` (in the reward), ``"k2"`` or ``"k3"`` (in the loss); see :func:`pavlit.rl.kl_penalty`.
+        kl_estimator: ``"k1"`` (in the reward), ``"k2"`` or ``"k3"`` (in the loss); see
+            :func:`pavlit.policy_gradient.kl_penalty`.
         clip: PPO ratio clipping ε (``None``: plain REINFORCE, the paper).
         ppo_epochs: Optimizer steps per batch of rollouts (the prompt batches that arrive meanwhile are not
             rolled out); > 1 is where ``clip`` matters.
