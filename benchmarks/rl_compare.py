@@ -46,7 +46,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 from pavlit.advantages import PAVAdvantages  # noqa: E402
 from pavlit.compare import sample_efficiency  # noqa: E402
 from pavlit.data.prompts import PromptDataModule  # noqa: E402
-from pavlit.modules.rl import PolicyRLModule  # noqa: E402
+from pavlit.modules.policy_rl import PolicyRLModule  # noqa: E402
 from pavlit.modules.sft import pass_at_k  # noqa: E402
 from pavlit.policy.sources import Pretrained  # noqa: E402
 from pavlit.provers.best_of_k import BestOfK  # noqa: E402

@@ -17,7 +17,7 @@ _LAZY = {
     "PAVModule": "pavlit.modules.pav",
     "ORMModule": "pavlit.modules.orm",
     "SFTModule": "pavlit.modules.sft",
-    "PolicyRLModule": "pavlit.modules.rl",
+    "PolicyRLModule": "pavlit.modules.policy_rl",
     "StepLabelDataModule": "pavlit.data.step_labels",
     "OutcomeDataModule": "pavlit.data.outcomes",
     "SFTDataModule": "pavlit.data.sft",

@@ -8,7 +8,7 @@ Every run is ``pavlit fit --config <config> <method's args> <args> <method_args>
 --model.init_args.seed S --data.init_args.seed S --trainer.default_root_dir <output_dir>/runs/<name>-<S>`` (the keys
 of ``seed_keys``), in its own process and run folder, so what is compared is exactly what the configs train. Its
 evaluation curve is the ``history`` the module writes into the run's ``metrics.json``
-(:class:`~pavlit.modules.rl.PolicyRLModule` logs ``val/accuracy`` every ``trainer.val_check_interval`` iterations
+(:class:`~pavlit.modules.policy_rl.PolicyRLModule` logs ``val/accuracy`` every ``trainer.val_check_interval`` iterations
 and keeps each evaluation there); with ``initial_eval`` a ``pavlit validate`` of the same command line first
 measures iteration 0 (the initial policy, on the same evaluation draws as the fit's evaluations of that seed).
 

@@ -14,7 +14,8 @@ from pavlit.cli import RUN_DIR_ENV, main
 from pavlit.data.prompts import PromptBatch, PromptBatches, PromptDataModule
 from pavlit.interfaces import AdvantageSource, Problem, Task
 from pavlit.modules.pav import PAVModule
-from pavlit.modules.rl import PolicyRLModule
+from pavlit.modules.policy_rl import PolicyRLModule
+from pavlit.modules.rollout_batch import pass_at_k_sums, reference_kl, response_logprobs
 from pavlit.policy.sources import Pretrained, TinyPolicy
 from pavlit.policy.tokenizer import build_char_tokenizer
 from pavlit.policy_gradient import (
@@ -145,6 +146,22 @@ def test_kl_penalty_estimators_hand_computed():
     assert torch.allclose(kl_penalty(logp, ref, "k2"), 0.5 * torch.tensor([math.log(2), math.log(0.5)]) ** 2)
     # k3 = r − 1 − log r with r = ref / π: r = 0.5 → 0.5 − 1 + log 2; r = 2 → 1 − log 2.
     assert torch.allclose(kl_penalty(logp, ref, "k3"), torch.tensor([math.log(2) - 0.5, 1 - math.log(2)]))
+
+
+def test_reference_kl_puts_k1_into_the_weights_and_k2_into_the_loss():
+    logp, ref = torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[-1.5, -2.0, -0.5]])
+    mask = torch.tensor([[True, True, False]])
+    penalty, loss, kl = reference_kl(logp, ref, mask, 0.1, "k1")
+    assert torch.allclose(penalty, torch.tensor([[0.05, 0.0, -0.25]])) and float(loss) == 0.0
+    assert math.isclose(float(kl), 0.25)  # mean log-ratio over the two real tokens
+    penalty, loss, kl = reference_kl(logp, ref, mask, 0.1, "k2")
+    assert torch.equal(penalty, torch.zeros(1, 3)) and math.isclose(float(kl), 0.25)
+    assert math.isclose(float(loss), 0.1 * (0.5 * 0.5**2 + 0.0) / 2, rel_tol=1e-6)
+
+
+def test_pass_at_k_sums_of_an_evaluation_batch():
+    # 4 samples per problem with 0, 2 and 4 correct: pass@1 = c/4, pass@4 = 1 unless none is correct.
+    assert pass_at_k_sums([0, 2, 4], 4).tolist() == [3.0, 1.5, 2.0]
 
 
 @settings(max_examples=50, deadline=None)
@@ -393,7 +410,7 @@ def test_training_log_probs_are_the_samplers_behaviour_log_probs():
     module.eval()
     with torch.no_grad():
         logits, _ = module(batch.input_ids, batch.attention_mask)
-        logp, _ = module._token_logp(logits, batch)
+        logp, _ = response_logprobs(logits, batch, module.hparams.temperature)
     for row, (_, _, ids, behaviour) in enumerate(rows):
         assert int(batch.token_mask[row].sum()) == len(ids)
         assert torch.allclose(logp[row, : len(ids)], torch.tensor(behaviour), atol=1e-4)

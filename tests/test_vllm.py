@@ -201,7 +201,7 @@ def test_rl_pushes_the_trained_weights_to_the_engine_before_each_rollout(fake_vl
     from lightning import Callback, Trainer
 
     from pavlit.data.prompts import PromptDataModule
-    from pavlit.modules.rl import PolicyRLModule
+    from pavlit.modules.policy_rl import PolicyRLModule
     from pavlit.policy.backends import merged_state_dict
 
     task = ArithmeticTask(difficulty=1, n_train=8, n_validation=2)

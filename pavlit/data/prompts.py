@@ -1,7 +1,7 @@
 """Prompts for online RL: batches of problems the policy rolls out on inside ``training_step``.
 
 An RL "dataset" holds no responses: :class:`PromptDataModule` streams :class:`PromptBatch` es of problems, and
-:class:`pavlit.modules.rl.PolicyRLModule` samples, scores and trains on its own rollouts of them. Streaming
+:class:`pavlit.modules.policy_rl.PolicyRLModule` samples, scores and trains on its own rollouts of them. Streaming
 prompts through a DataLoader keeps Lightning's loop, logging, checkpointing and DDP as they are: each rank reads
 its own shard of every shuffled epoch, and every rank gets the same number of batches (the remainder is dropped),
 so no rank waits for a gradient all-reduce that never comes.

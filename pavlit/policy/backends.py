@@ -1,6 +1,6 @@
 """Which engine a job samples with, chosen in its config (``backend:``), injected like any other collaborator.
 
-``pavlit label``, ``pavlit search`` and :class:`~pavlit.modules.rl.PolicyRLModule` build their sampler through a
+``pavlit label``, ``pavlit search`` and :class:`~pavlit.modules.policy_rl.PolicyRLModule` build their sampler through a
 :class:`SamplerBackend`. The default, :class:`PavlitBackend`, is pavlit's own :class:`~pavlit.policy.sampler.Sampler`
 (CPU or GPU, bit-reproducible under a seed); :class:`VLLMBackend` serves the same calls from vLLM on a GPU::
 

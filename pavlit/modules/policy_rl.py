@@ -13,7 +13,8 @@ training step takes a batch of prompts and
 3. minimises ``−Σ w_t log π(a_t)`` (optionally PPO-clipped against the policy that sampled the rollouts, reused for
    ``ppo_epochs`` steps), plus the value loss, with a KL penalty toward the frozen reference (default: a copy of
    the initial, RFT, policy): ``k1`` subtracts ``kl_coef·(log π − log π_ref)`` from each token's weight, ``k2`` /
-   ``k3`` add ``kl_coef·mean(k)`` to the loss (:func:`pavlit.policy_gradient.kl_penalty`).
+   ``k3`` add ``kl_coef·mean(k)`` to the loss (:func:`pavlit.policy_gradient.kl_penalty`). The batch and the steps
+   on it that need no model are in :mod:`pavlit.modules.rollout_batch`; the maths in :mod:`pavlit.policy_gradient`.
 
 Log-probabilities are those of the sampling distribution (logits divided by ``temperature``). Logged per step
 (``train/``): ``accuracy``, ``reward/outcome``, ``reward/process`` (mean ``α·Â^μ`` per step), ``kl``, ``entropy``,
@@ -29,7 +30,6 @@ import copy
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,50 +41,26 @@ from pavlit.data.prompts import PromptBatch
 from pavlit.interfaces import Problem, Task
 from pavlit.models.adapters import LoRAArgs, apply_lora
 from pavlit.modules.checks import check_optimisation
-from pavlit.modules.sft import export_policy, pass_at_k, warmup_cosine
+from pavlit.modules.rollout_batch import (
+    Rollouts,
+    at_response_tokens,
+    collate_rollouts,
+    pass_at_k_sums,
+    process_terms,
+    reference_kl,
+    response_logprobs,
+    rollout_metrics,
+    token_targets,
+)
+from pavlit.modules.sft import export_policy, warmup_cosine
 from pavlit.policy.backends import PavlitBackend, SamplerBackend, SamplingSettings
 from pavlit.policy.loading import Policy
 from pavlit.policy.sampler import Sampler
 from pavlit.policy.sources import ModelSource, TinyPolicy
-from pavlit.policy_gradient import (
-    KLEstimator,
-    broadcast_to_tokens,
-    effective_step_rewards,
-    kl_penalty,
-    leave_one_out_baseline,
-    masked_mean,
-    policy_gradient_loss,
-    response_step_ends,
-)
+from pavlit.policy_gradient import KLEstimator, leave_one_out_baseline, masked_mean, policy_gradient_loss
 from pavlit.steps import split_steps
-from pavlit.values import advantages as consecutive_differences
 
 __all__ = ["PolicyRLModule", "Rollouts"]
-
-
-@dataclass
-class Rollouts:
-    """One batch of scored rollouts, ``B = prompts × samples_per_prompt`` rows (a prompt's samples adjacent).
-
-    Sequences are ``prompt + response`` right-padded to ``L``; per-token tensors are indexed by response token
-    ``t < T``, and ``positions[b, t]`` is the sequence position whose logits predict response token ``t``.
-    """
-
-    input_ids: torch.Tensor  # [B, L]
-    attention_mask: torch.Tensor  # [B, L]
-    positions: torch.Tensor  # [B, T]
-    tokens: torch.Tensor  # [B, T] the response token ids
-    token_mask: torch.Tensor  # [B, T]
-    step_ends: torch.Tensor  # [B, H]
-    step_mask: torch.Tensor  # [B, H]
-    outcome: torch.Tensor  # [B]
-    process: torch.Tensor  # [B, H] Â^μ (or Q^μ) of each step, 0 without a source
-    samples_per_prompt: int
-    old_logp: torch.Tensor | None = None  # [B, T] set at the first update on these rollouts
-
-    def to(self, device: torch.device) -> Rollouts:
-        moved = {name: value.to(device) if torch.is_tensor(value) else value for name, value in vars(self).items()}
-        return Rollouts(**moved)
 
 
 class PolicyRLModule(LightningModule):
@@ -245,9 +221,8 @@ class PolicyRLModule(LightningModule):
         finally:
             self.model.train(was_training)
         outcomes = [task.score(p, text) for p, text, _ in rows]
-        return self.build_rollouts(rollout_problems, [ids for _, _, ids in rows], steps, outcomes, process).to(
-            self.device
-        )
+        batch = self.build_rollouts(rollout_problems, [ids for _, _, ids in rows], steps, outcomes, process)
+        return batch.to(self.device)
 
     def build_rollouts(
         self,
@@ -257,69 +232,21 @@ class PolicyRLModule(LightningModule):
         outcomes: Sequence[float],
         process: Sequence[torch.Tensor],
     ) -> Rollouts:
-        """Tokenise and pad scored rollouts (a prompt's ``samples_per_prompt`` rows adjacent), on the CPU.
-
-        Args:
-            problems: The problem of each rollout.
-            response_ids: The sampled token ids of each response (EOS included when generated).
-            steps: Each response's steps.
-            outcomes: Each rollout's verified outcome ``R``.
-            process: Each rollout's process term per step ``[H]`` (``Â^μ``, ``Q^μ`` or zeros).
-        """
-        prompt_ids = [self.tokenizer(p.prompt, add_special_tokens=True)["input_ids"] for p in problems]
-        ends = [
-            response_step_ends(p.prompt, pids, rids, item, self.tokenizer)
-            for p, pids, rids, item in zip(problems, prompt_ids, response_ids, steps)
-        ]
-        rows, width = len(problems), max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
-        n_tokens = max(max(len(r) for r in response_ids), 1)
-        n_steps = max(max(len(e) for e in ends), 1)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        input_ids = torch.full((rows, width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((rows, width), dtype=torch.long)
-        positions = torch.zeros((rows, n_tokens), dtype=torch.long)
-        tokens = torch.full((rows, n_tokens), pad, dtype=torch.long)
-        token_mask = torch.zeros((rows, n_tokens), dtype=torch.bool)
-        step_ends = torch.zeros((rows, n_steps), dtype=torch.long)
-        step_mask = torch.zeros((rows, n_steps), dtype=torch.bool)
-        process_values = torch.zeros((rows, n_steps))
-        for row, (pids, rids, row_ends, values) in enumerate(zip(prompt_ids, response_ids, ends, process)):
-            sequence = torch.tensor([*pids, *rids], dtype=torch.long)
-            input_ids[row, : len(sequence)] = sequence
-            attention_mask[row, : len(sequence)] = 1
-            positions[row, : len(rids)] = torch.arange(len(rids)) + len(pids) - 1
-            tokens[row, : len(rids)] = torch.tensor(rids, dtype=torch.long)
-            token_mask[row, : len(rids)] = True
-            if not row_ends:  # an empty response: one step owning whatever tokens there are (EOS)
-                row_ends, values = [max(len(rids) - 1, 0)], torch.zeros(1)
-            step_ends[row, : len(row_ends)] = torch.tensor(row_ends)
-            step_mask[row, : len(row_ends)] = True
-            process_values[row, : len(row_ends)] = values.float()
-        return Rollouts(
-            input_ids,
-            attention_mask,
-            positions,
-            tokens,
-            token_mask,
-            step_ends,
-            step_mask,
-            torch.tensor(outcomes, dtype=torch.float32),
-            process_values,
-            self.hparams.samples_per_prompt,
+        """Tokenise and pad scored rollouts with the policy's tokenizer (:func:`collate_rollouts`), on the CPU."""
+        return collate_rollouts(
+            problems, response_ids, steps, outcomes, process, self.tokenizer, self.hparams.samples_per_prompt
         )
 
     def rollout_loss(self, batch: Rollouts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss on scored rollouts and the metrics to log (token weights under ``"weights"``)."""
         hp = self.hparams
         logits, hidden = self(batch.input_ids, batch.attention_mask)
-        logp, entropy = self._token_logp(logits, batch, with_entropy=True)
+        logp, entropy = response_logprobs(logits, batch, hp.temperature, with_entropy=True)
         mask = batch.token_mask
-        step_rewards = effective_step_rewards(batch.outcome, batch.process, batch.step_mask, hp.alpha)
-        targets = broadcast_to_tokens(step_rewards, batch.step_ends, batch.step_mask, mask)
+        targets = token_targets(batch, hp.alpha)
         value_loss = torch.zeros((), device=logp.device)
         if hp.baseline == "value_head":
-            index = batch.positions[..., None].expand(*batch.positions.shape, hidden.shape[-1])
-            values = self.value_head(hidden.detach().gather(1, index).float()).squeeze(-1)
+            values = self.value_head(at_response_tokens(hidden.detach(), batch.positions).float()).squeeze(-1)
             value_loss = masked_mean((values - targets) ** 2, mask)
             baseline = values.detach()
         elif hp.baseline == "leave_one_out":
@@ -334,46 +261,18 @@ class PolicyRLModule(LightningModule):
                 ref_logits = self.reference_model(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
                 ).logits
-                ref_logp, _ = self._token_logp(ref_logits, batch)
-            kl = masked_mean((logp - ref_logp).detach(), mask)
-            if hp.kl_estimator == "k1":
-                weights = weights - hp.kl_coef * kl_penalty(logp.detach(), ref_logp, "k1")
-            else:
-                kl_loss = hp.kl_coef * masked_mean(kl_penalty(logp, ref_logp, hp.kl_estimator), mask)
+                ref_logp, _ = response_logprobs(ref_logits, batch, hp.temperature)
+            weight_penalty, kl_loss, kl = reference_kl(logp, ref_logp, mask, hp.kl_coef, hp.kl_estimator)
+            weights = weights - weight_penalty
         weights = torch.where(mask, weights, torch.zeros_like(weights))
         if batch.old_logp is None:
             batch.old_logp = logp.detach()
         pg_loss = policy_gradient_loss(logp, weights, mask, batch.old_logp, hp.clip, hp.loss_normalization)
         loss = pg_loss + value_loss + kl_loss
-        n_steps = batch.step_mask.sum(dim=1).float()
-        metrics = {
-            "loss": loss.detach(),
-            "pg_loss": pg_loss.detach(),
-            "value_loss": value_loss.detach(),
-            "accuracy": batch.outcome.mean(),
-            "reward/outcome": batch.outcome.mean(),
-            "reward/process": hp.alpha * masked_mean(batch.process, batch.step_mask),
-            "kl": kl,
-            "entropy": masked_mean(entropy, mask),
-            "advantage": masked_mean(weights, mask),
-            "steps": n_steps.mean(),
-            "tokens": mask.sum(dim=1).float().mean(),
-        }
+        metrics = rollout_metrics(batch, weights, entropy, hp.alpha, loss=loss, pg_loss=pg_loss, value_loss=value_loss)
+        metrics["kl"] = kl
         self.last_weights = weights.detach()
         return loss, metrics
-
-    def _token_logp(
-        self, logits: torch.Tensor, batch: Rollouts, with_entropy: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[B, T]`` log-probabilities of the response tokens under ``softmax(logits / temperature)`` (+ entropy)."""
-        index = batch.positions[..., None].expand(*batch.positions.shape, logits.shape[-1])
-        log_probs = (logits.gather(1, index).float() / self.hparams.temperature).log_softmax(-1)
-        logp = log_probs.gather(2, batch.tokens[..., None]).squeeze(-1)
-        entropy = None
-        if with_entropy:
-            with torch.no_grad():
-                entropy = -(log_probs.exp() * log_probs).sum(-1)
-        return logp, entropy
 
     def _process_values(
         self, problems: Sequence[Problem], steps: Sequence[list[str]], task: Task, sampler: Sampler, seed: int
@@ -381,9 +280,7 @@ class PolicyRLModule(LightningModule):
         if self.advantages is None:
             return [torch.zeros(len(item)) for item in steps]
         q_mu = self.advantages.prefix_values(problems, steps, task=task, sampler=sampler, seed=seed)
-        if self.hparams.reward_form == "q_mu":
-            return [q[1:] for q in q_mu]
-        return [consecutive_differences(q) for q in q_mu]
+        return process_terms(q_mu, self.hparams.reward_form)
 
     # --- validation / test -------------------------------------------------------------------------------------
 
@@ -414,12 +311,7 @@ class PolicyRLModule(LightningModule):
             seed=self.hparams.seed + 7919 * (len(self._eval_sums) + 1) + self.global_rank,
         )
         counts = [sum(self._task().score(p, t) >= 1.0 for t in texts) for p, texts in zip(batch.problems, out.texts)]
-        self._eval_sums.append(
-            torch.tensor(
-                [len(counts), sum(pass_at_k(k, c, 1) for c in counts), sum(pass_at_k(k, c, k) for c in counts)],
-                dtype=torch.float64,
-            )
-        )
+        self._eval_sums.append(pass_at_k_sums(counts, k))
 
     def _log_evaluation(self, prefix: str) -> None:
         if self.trainer.sanity_checking:
