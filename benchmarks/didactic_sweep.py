@@ -1,9 +1,9 @@
 """The didactic RL sweep of docs/method.md §7: γ × α × seeds with Adam (and a smaller plain-SGD diagnostic).
 
 Every run fine-tunes the MLP policy on the γ = 5 prover (identical for all runs of one seed), then runs REINFORCE
-on ``R + α·A^μ_γ`` through :class:`pavlit.didactic.rl.DidacticRLModule` and a Lightning ``Trainer``. α = 0 does
-not depend on γ, so it runs once per seed. Before any RL, the Theorem 3.1 quantities of every γ are computed for
-each seed's SFT policy (:func:`pavlit.didactic.theory.recommend_prover`) and compared with the measured speed.
+on ``R + α·A^μ_γ`` through :class:`pavlit.didactic.training.DidacticRLModule` and a Lightning ``Trainer``. α = 0
+does not depend on γ, so it runs once per seed. Before any RL, the Theorem 3.1 quantities of every γ are computed
+for each seed's SFT policy (:func:`pavlit.didactic.theory.recommend_prover`) and compared with the measured speed.
 
 A run lasts up to ``--iterations`` and stops early once its accuracy has held ≥ ``--hold-threshold`` at every
 evaluation of the last ``--hold`` iterations (and it has run ``--min-iterations``); the report says which runs
@@ -41,8 +41,8 @@ torch.set_num_threads(1)
 
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 
-from pavlit.didactic.rl import DidacticRLModule  # noqa: E402
 from pavlit.didactic.theory import recommend_prover  # noqa: E402
+from pavlit.didactic.training import DidacticRLModule  # noqa: E402
 
 GAMMAS = (1, 3, 5, 8, 10, 15, 25, 50, 100)
 # (metric, threshold) pairs whose first crossing is recorded per run.

@@ -10,19 +10,19 @@ import torch
 
 from pavlit import values
 from pavlit.didactic.policy import HEADS, MLPPolicy, action_mask
-from pavlit.didactic.rl import (
+from pavlit.didactic.theory import (
+    format_table,
+    policy_action_advantages,
+    prover_action_advantages,
+    recommend_prover,
+)
+from pavlit.didactic.training import (
     DidacticRLModule,
     evaluate_policy,
     mc_prover_prefix_values,
     prover_prefix_values,
     reinforce_loss,
     step_weights,
-)
-from pavlit.didactic.theory import (
-    format_table,
-    policy_action_advantages,
-    prover_action_advantages,
-    recommend_prover,
 )
 from pavlit.provers.planted import PlantedProver
 from pavlit.tasks.planted import PlantedTask

@@ -1,4 +1,5 @@
-"""SFT then REINFORCE with the effective reward on the planted task (docs/method.md §7): :class:`DidacticRLModule`.
+"""Training on the planted task (docs/method.md §7): :class:`DidacticRLModule` (SFT, then REINFORCE with the effective
+reward), the exact and Monte-Carlo prover values it rewards with, and the SFT and evaluation loops it runs.
 
 ``pavlit fit --config configs/didactic/rl.yaml`` first fine-tunes the :class:`~pavlit.didactic.policy.MLPPolicy`
 on samples of the γ = ``sft_gamma`` prover (a mediocre start), then runs ``iterations`` REINFORCE updates. Each
@@ -17,6 +18,9 @@ The training data is a stream of iteration indices: rollouts are generated insid
 Lightning's loop, logging and checkpointing apply unchanged. Every ``eval_every`` iterations (and at the end)
 ``eval_rollouts`` fresh samples give ``eval/accuracy``, unbiased ``eval/pass@k`` and the greedy rollout's
 outcome ``eval/greedy``; the rows are also kept in :attr:`DidacticRLModule.history` for the sweep.
+
+The effective reward and the REINFORCE loss are those of the language-model RL (:mod:`pavlit.policy_gradient`),
+with one token per step.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pavlit import values
 from pavlit.didactic.policy import MLPPolicy, action_mask
+from pavlit.policy_gradient import effective_step_rewards, masked_mean, policy_gradient_loss
 from pavlit.provers.planted import PlantedProver
 from pavlit.tasks.planted import PlantedTask
 
@@ -120,19 +125,19 @@ def step_weights(
     Returns:
         ``[B, H]`` weights.
     """
-    q_pi = outcome[:, None].expand_as(a_mu)
-    a_mu = torch.where(mask, a_mu, torch.zeros_like(a_mu))
     baseline = torch.as_tensor(baseline, dtype=a_mu.dtype, device=a_mu.device)
     if baseline.dim() == 1:
         baseline = baseline[:, None]
-    weights = values.effective_reward(q_pi, a_mu, alpha) - baseline
+    weights = effective_step_rewards(outcome, a_mu, mask, alpha) - baseline
     return torch.where(mask, weights, torch.zeros_like(weights))
 
 
 def reinforce_loss(log_probs: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """REINFORCE surrogate ``−(1/B) Σ_b Σ_h w_bh · log π(a_bh | s_bh)`` over real steps (weights are constants)."""
-    weights = torch.where(mask, weights.detach(), torch.zeros_like(weights))
-    return -(weights * torch.where(mask, log_probs, torch.zeros_like(log_probs))).sum() / log_probs.shape[0]
+    """REINFORCE surrogate ``−(1/B) Σ_b Σ_h w_bh · log π(a_bh | s_bh)`` over real steps (weights are constants):
+    :func:`pavlit.policy_gradient.policy_gradient_loss` per response, with masked steps' terms exactly 0."""
+    weights = torch.where(mask, weights, torch.zeros_like(weights))
+    log_probs = torch.where(mask, log_probs, torch.zeros_like(log_probs))
+    return policy_gradient_loss(log_probs, weights, mask, normalization="responses")
 
 
 def supervised_finetune(
@@ -157,7 +162,7 @@ def supervised_finetune(
     for it in range(iterations):
         rows = torch.arange(it * batch_size, (it + 1) * batch_size, device=device) % n_samples
         log_probs = policy.log_probs(data[rows])
-        loss = -(log_probs * mask[rows]).sum() / mask[rows].sum()
+        loss = -masked_mean(log_probs, mask[rows])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -330,18 +335,17 @@ class DidacticRLModule(LightningModule):
         log_probs_all = torch.log_softmax(logits, dim=-1)
         log_probs = log_probs_all.gather(-1, tokens[..., None]).squeeze(-1)
         loss = reinforce_loss(log_probs, weights, mask)
-        n_steps = mask.sum().clamp(min=1)
         with torch.no_grad():
             entropy = -(log_probs_all.exp() * log_probs_all).sum(-1)
             self.log_dict(
                 {
                     "train/accuracy": outcome.mean(),
                     "train/loss": loss.detach(),
-                    "train/a_mu_mean": a_mu.sum() / n_steps,
-                    "train/a_mu_abs": a_mu.abs().sum() / n_steps,
-                    "train/weight_mean": weights.sum() / n_steps,
-                    "train/entropy": (entropy * mask).sum() / n_steps,
-                    "train/steps": n_steps.to(torch.get_default_dtype()) / tokens.shape[0],
+                    "train/a_mu_mean": masked_mean(a_mu, mask),
+                    "train/a_mu_abs": masked_mean(a_mu.abs(), mask),
+                    "train/weight_mean": masked_mean(weights, mask),
+                    "train/entropy": masked_mean(entropy, mask),
+                    "train/steps": mask.sum().clamp(min=1).to(torch.get_default_dtype()) / tokens.shape[0],
                 },
                 on_step=True,
                 prog_bar=False,
