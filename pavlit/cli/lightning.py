@@ -46,6 +46,7 @@ def run_lightning(subcommand: str, argv: list[str]) -> int:
     except registry.PluginError as err:
         print(f"pavlit {subcommand}: error: {err}", file=sys.stderr)
         return 1
+    return 0
 
 
 @cache
