@@ -27,7 +27,7 @@ __all__ = ["AdvantageSource", "MCAdvantages", "PAVAdvantages"]
 
 
 class PAVAdvantages(AdvantageSource):
-    """``Q^μ`` from a frozen process verifier (``PAVModule``) through a prover (docs/method.md §6, the paper's setup).
+    """``Q^μ`` from a frozen process verifier (a ``Verifier``) through a prover (docs/method.md §6, the paper's setup).
 
     Args:
         verifier_path: A folder written by ``PAVModule.save_pretrained`` (e.g. ``runs/tiny/pav/verifier``).
@@ -44,9 +44,9 @@ class PAVAdvantages(AdvantageSource):
     def verifier(self, device: torch.device | str = "cpu") -> Any:
         """The verifier, loaded on first use (frozen, eval mode) and kept on ``device``."""
         if self._verifier is None:
-            from pavlit.modules.pav import PAVModule
+            from pavlit.models.verifier import Verifier
 
-            self._verifier = PAVModule.from_pretrained(self.verifier_path).requires_grad_(False)
+            self._verifier = Verifier.from_pretrained(self.verifier_path, kind="pav")
         if self._verifier.device != torch.device(device):
             self._verifier = self._verifier.to(device)
         return self._verifier

@@ -38,6 +38,8 @@ __all__ = [
     "StepTokens",
     "gather_positions",
     "join_steps",
+    "outcome_tokens",
+    "pad_id_of",
     "pad_step_batch",
     "split_steps",
     "step_end_token_indices",
@@ -306,3 +308,20 @@ def gather_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Ten
         return values.gather(1, positions)
     index = positions[..., None].expand(*positions.shape, values.shape[-1])
     return values.gather(1, index)
+
+
+def outcome_tokens(prompt: str, response: str, tokenizer: Any) -> StepTokens:
+    """Tokenise ``prompt + response`` with the response as one segment, so its end token is the score position."""
+    return step_end_token_indices(prompt, [response] if response else [], tokenizer)
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its eos (padding is masked out either way)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"the tokenizer {name!r} has neither a pad nor an eos token, so batches cannot be padded; set "
+            "tokenizer.pad_token (e.g. to an existing special token) before training"
+        )
+    return int(pad)

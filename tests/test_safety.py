@@ -80,7 +80,7 @@ class _RunsCodeWhenUnpickled:
 
 
 def test_a_checkpoint_holding_code_is_refused_not_run(tmp_path):
-    from pavlit.verifier import restore_best_checkpoint
+    from pavlit.modules.verifier_fit import restore_best_checkpoint
 
     marker = tmp_path / "code_ran"
     checkpoint = tmp_path / "best.ckpt"
@@ -404,7 +404,7 @@ def test_an_exported_verifier_cannot_make_pavlit_import_a_module(adapter_export,
 
 
 def test_a_source_read_back_from_checkpoint_hyper_parameters_cannot_turn_on_remote_code():
-    from pavlit.verifier import as_model_source
+    from pavlit.models.backbone import as_model_source
 
     hparams_source = {
         "class_path": "pavlit.policy.sources.Pretrained",
@@ -482,7 +482,7 @@ def test_trust_remote_code_defaults_to_false_and_is_never_hard_coded_true():
 
 # pavlit's own loaders of exported verifier folders (they read them through load_policy / safetensors), and peft's
 # adapter loader (its folder was checked to exist; it takes no local_files_only).
-OWN_LOADERS = ("PAVModule", "ORMModule", "module_class", "PeftModel")
+OWN_LOADERS = ("PAVModule", "ORMModule", "Verifier", "PeftModel")
 # Calls known to lack local_files_only=True, with why they are listed; the test fails once one is fixed, so that
 # the list shrinks with the code.
 KNOWN_GAPS: dict[str, str] = {}

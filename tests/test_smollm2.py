@@ -122,7 +122,10 @@ SMALL = {
     "fit": ["--trainer.max_steps", "2"],
     "label": ["--num_problems", "4", "--label.n_cov", "1", "--label.n_mc", "1", "--label.max_steps", "3"],
     "search": ["--num_problems", "2", "--budgets", "[1, 2]", "--max_new_tokens", "64"],
-    "compare": ["--args", "[--trainer.max_steps, 2, --trainer.val_check_interval, 1, --data.init_args.eval_problems, 2]"],
+    "compare": [
+        "--args",
+        "[--trainer.max_steps, 2, --trainer.val_check_interval, 1, --data.init_args.eval_problems, 2]",
+    ],
 }
 
 

@@ -20,21 +20,16 @@ from test_step_labels import BAD, GOOD, synthetic_labels, write_jsonl
 from pavlit.data.outcomes import OutcomeDataModule
 from pavlit.data.step_labels import StepLabelDataModule
 from pavlit.models.adapters import LoRAArgs, QuantArgs
+from pavlit.models.scoring import likelihood_features, token_logprobs
+from pavlit.modules.losses import balance_weights, masked_bce_with_logits
+from pavlit.modules.metrics import ConstantBaseline, SoftCalibrationError
+from pavlit.modules.optim import warmup_cosine
 from pavlit.modules.orm import ORMModule
 from pavlit.modules.pav import PAVModule
 from pavlit.policy.sources import Pretrained, TinyPolicy
 from pavlit.provers.best_of_k import BestOfK
 from pavlit.steps import pad_step_batch, step_end_token_indices
 from pavlit.values import best_of_k
-from pavlit.verifier import (
-    ConstantBaseline,
-    SoftCalibrationError,
-    balance_weights,
-    likelihood_features,
-    masked_bce_with_logits,
-    token_logprobs,
-    warmup_cosine,
-)
 
 REPO = Path(__file__).parents[1]
 TINY = {"n_layer": 1, "n_embd": 32, "n_head": 2}
@@ -94,7 +89,7 @@ def test_masked_bce_uses_soft_labels_and_weights_exactly():
 def test_balance_weights_and_schedule_exact():
     assert balance_weights(3, 1) == pytest.approx((4 / 6, 2.0))
     assert balance_weights(0, 5) == (1.0, 1.0)
-    assert [warmup_cosine(s, 3, 7) for s in range(3)] == pytest.approx([0.25, 0.5, 0.75])
+    assert [warmup_cosine(s, 3, 7) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])  # the SFT schedule
     assert warmup_cosine(3, 3, 7) == 1.0
     assert warmup_cosine(5, 3, 7) == pytest.approx(0.5)
     assert warmup_cosine(7, 3, 7) == pytest.approx(0.0) and warmup_cosine(9, 3, 7) == pytest.approx(0.0)
@@ -131,14 +126,16 @@ def pav() -> PAVModule:
 def test_pav_parameters_change_after_one_step(labels_dir, tmp_path):
     module = PAVModule(source=tiny(), lr=1e-2, warmup_steps=0, export=False)
     before = snapshot(module)
-    assert any(name.startswith("backbone.") for name in before) and "value_head.linear.weight" in before
+    assert (
+        any(name.startswith("verifier.backbone.") for name in before) and "verifier.value_head.linear.weight" in before
+    )
     trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, StepLabelDataModule(str(labels_dir), batch_size=8))
     assert_all_changed(before, module)
 
 
 def test_token_head_trains_the_backbone_and_its_bias(labels_dir, tmp_path):
     module = PAVModule(source=tiny(), head_type="token", score_token="+", lr=1e-2, warmup_steps=0, export=False)
-    assert module.value_head.token_id == module.tokenizer.convert_tokens_to_ids("+")
+    assert module.verifier.value_head.token_id == module.tokenizer.convert_tokens_to_ids("+")
     before = snapshot(module)
     trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, StepLabelDataModule(str(labels_dir), batch_size=8))
     assert_all_changed(before, module)
@@ -166,14 +163,16 @@ def test_likelihood_features_match_a_per_token_loop(pav):
     prompts, steps = ["Qa:", "Qbb:"], [[GOOD, BAD, GOOD], [BAD]]
     batch = pad_step_batch([step_end_token_indices(p, s, pav.tokenizer) for p, s in zip(prompts, steps)], 0)
     with torch.no_grad():
-        hidden = pav.backbone.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        hidden = pav.verifier.backbone.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         hidden = hidden.last_hidden_state
-        full = torch.log_softmax(pav.backbone(input_ids=batch.input_ids).logits.float(), -1)
+        full = torch.log_softmax(pav.verifier.backbone(input_ids=batch.input_ids).logits.float(), -1)
     # Sliced projection (2 positions at a time here) equals one full log-softmax.
-    sliced = token_logprobs(pav.backbone, hidden, batch.input_ids, max_values=2 * 2 * full.shape[-1])
+    sliced = token_logprobs(pav.verifier.backbone, hidden, batch.input_ids, max_values=2 * 2 * full.shape[-1])
     reference = full[:, :-1].gather(-1, batch.input_ids[:, 1:, None])[..., 0]
     assert torch.allclose(sliced[:, 1:], reference, atol=1e-5) and (sliced[:, 0] == 0).all()
-    features = likelihood_features(pav.backbone, hidden, batch.input_ids, batch.prefix_positions, batch.prompt_end)
+    features = likelihood_features(
+        pav.verifier.backbone, hidden, batch.input_ids, batch.prefix_positions, batch.prompt_end
+    )
     assert features.shape == (2, 4, 4)
     for row in range(2):
         ends = batch.prefix_positions[row].tolist()
@@ -192,22 +191,22 @@ def test_likelihood_head_trains_scores_causally_and_reloads(labels_dir, tmp_path
     L.seed_everything(0)
     module = PAVModule(source=tiny(), head_type="likelihood", lr=1e-2, warmup_steps=0, export=True)
     before = snapshot(module)
-    frozen = {k: v.clone() for k, v in module.reference.state_dict().items()}
-    assert frozen and not any(p.requires_grad for p in module.reference.parameters())
+    frozen = {k: v.clone() for k, v in module.verifier.reference.state_dict().items()}
+    assert frozen and not any(p.requires_grad for p in module.verifier.reference.parameters())
     trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, StepLabelDataModule(str(labels_dir), batch_size=8))
     assert_all_changed(before, module)
     # The reference is the starting policy and stays it; it is never in training mode.
-    assert all(torch.equal(v, module.reference.state_dict()[k]) for k, v in frozen.items())
+    assert all(torch.equal(v, module.verifier.reference.state_dict()[k]) for k, v in frozen.items())
     module.train()
     module.score_prefixes(["Qa:"], [[GOOD]])
     module.train()
     ids = torch.tensor([module.tokenizer("Qa:ok\n")["input_ids"]])
     module(ids, torch.ones_like(ids), torch.tensor([[2, 5]]))
-    assert not any(m.training for m in module.reference.modules())
+    assert not any(m.training for m in module.verifier.reference.modules())
     scores = module.score_prefixes(["Qa:", "Qb:"], [[GOOD, BAD, GOOD], [BAD]])
     assert torch.allclose(module.score_prefixes(["Qa:"], [[GOOD, BAD]])[0], scores[0][:3], atol=1e-6)
     reloaded = PAVModule.from_pretrained(tmp_path / "verifier")
-    assert isinstance(reloaded.value_head, type(module.value_head))
+    assert isinstance(reloaded.verifier.value_head, type(module.verifier.value_head))
     again = reloaded.score_prefixes(["Qa:", "Qb:"], [[GOOD, BAD, GOOD], [BAD]])
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(again, scores))
     orm = ORMModule(source=tiny(), head_type="likelihood", lr=1e-2, warmup_steps=0, export=False)
@@ -224,7 +223,7 @@ def test_verifiers_refuse_to_return_nan_scores():
     orm = ORMModule(source=tiny(), export=False)
     for module in (pav, orm):
         with torch.no_grad():
-            module.value_head.linear.weight.fill_(float("nan"))
+            module.verifier.value_head.linear.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="process verifier returned NaN"):
         pav.score_prefixes(["Qa:"], [[GOOD]])
     with pytest.raises(FloatingPointError, match="outcome verifier returned NaN"):
@@ -412,8 +411,8 @@ def tiny_folder(tmp_path_factory) -> Path:
 def test_lora_trains_adapters_and_head_only_and_exports_the_adapter(labels_dir, tmp_path):
     module = PAVModule(source=tiny(), lora=LoRAArgs(enabled=True, r=4, alpha=8), lr=1e-2, warmup_steps=0, export=True)
     trainable = snapshot(module)
-    assert trainable and all("lora_" in name or name.startswith("value_head.") for name in trainable)
-    assert any(name.startswith("value_head.") for name in trainable)
+    assert trainable and all("lora_" in name or name.startswith("verifier.value_head.") for name in trainable)
+    assert any(name.startswith("verifier.value_head.") for name in trainable)
     trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, StepLabelDataModule(str(labels_dir), batch_size=8))
     assert_all_changed({k: v for k, v in trainable.items() if "lora_B" in k or "value_head" in k}, module)
     export = tmp_path / "verifier"
@@ -514,7 +513,7 @@ def test_fsdp2_sharded_training_on_cpu(labels_dir, tmp_path):
         L.seed_everything(0)
         module = PAVModule(source=TinyPolicy(n_layer=2, n_embd=32, n_head=2), head_type="likelihood", lr=1e-2,
                            warmup_steps=0)
-        initial = {{k: v.clone() for k, v in module.backbone.state_dict().items()}}
+        initial = {{k: v.clone() for k, v in module.verifier.backbone.state_dict().items()}}
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=2, limit_val_batches=1,
                             num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
@@ -524,7 +523,7 @@ def test_fsdp2_sharded_training_on_cpu(labels_dir, tmp_path):
         assert any(isinstance(p, DTensor) for p in module.parameters())
         if trainer.is_global_zero:
             reloaded = PAVModule.from_pretrained({str(tmp_path / "verifier")!r})
-            changed = [k for k, v in reloaded.backbone.state_dict().items() if not torch.equal(v, initial[k])]
+            changed = [k for k, v in reloaded.verifier.backbone.state_dict().items() if not torch.equal(v, initial[k])]
             assert changed, "the exported backbone did not train"
             print("OK", len(changed))
     """
@@ -552,13 +551,13 @@ def test_export_uses_the_best_monitored_checkpoint_not_the_last_step(labels_dir,
     assert metrics["exported"]["checkpoint"] == checkpoint.best_model_path
     assert metrics["exported"]["score"] == pytest.approx(float(checkpoint.best_model_score))
     exported = PAVModule.from_pretrained(tmp_path / "verifier")
-    for name, value in exported.value_head.state_dict().items():
-        assert torch.equal(value, best[f"value_head.{name}"])
+    for name, value in exported.verifier.value_head.state_dict().items():
+        assert torch.equal(value, best[f"verifier.value_head.{name}"])
 
 
 def test_auroc_is_left_out_when_validation_holds_one_class():
     """All-zero labels (a policy that solves nothing) make AUROC undefined: no number rather than a wrong 0."""
-    from pavlit.verifier import DefinedAUROC, defined_metrics
+    from pavlit.modules.metrics import DefinedAUROC, defined_metrics
 
     metric = DefinedAUROC()
     metric.update(torch.tensor([0.2, 0.7, 0.4]), torch.tensor([0, 0, 0]))

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pavlit.data.reading import BadRecords
 from pavlit.modules.checks import check_validation_data
+from pavlit.steps import pad_id_of
 
 __all__ = ["ResumableSampler", "keep_settings", "pad_id_of", "resume_offset", "setup_once", "start_prepare"]
 
@@ -48,18 +49,6 @@ def resume_offset(trainer: Any) -> int:
     # holds a batch that has stepped the optimizer but is not yet counted as completed.
     progress = trainer.fit_loop.epoch_loop.batch_progress.current
     return int(progress.processed)
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    """The id that pads batches: the tokenizer's pad token, else its eos (padding is masked out either way)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ValueError(
-            f"the tokenizer {name!r} has neither a pad nor an eos token, so batches cannot be padded; set "
-            "tokenizer.pad_token (e.g. to an existing special token) before training"
-        )
-    return int(pad)
 
 
 def keep_settings(datamodule: Any) -> None:

@@ -30,8 +30,8 @@ from pavlit.data.loading import keep_settings, pad_id_of, setup_once, start_prep
 from pavlit.data.reading import BadRecords, OnBadRecord, iter_records
 from pavlit.data.rollouts import group_rollouts, split_problems
 from pavlit.labeling.records import validate_record
-from pavlit.steps import StepTokens, pad_step_batch, step_end_token_indices
-from pavlit.verifier import balance_weights
+from pavlit.modules.losses import balance_weights
+from pavlit.steps import StepTokens, outcome_tokens, pad_step_batch
 
 __all__ = ["OutcomeCollator", "OutcomeDataModule", "OutcomeExample", "outcome_tokens"]
 
@@ -47,11 +47,6 @@ class OutcomeExample:
     tokens: StepTokens
     correct: float
     problem_id: str
-
-
-def outcome_tokens(prompt: str, response: str, tokenizer: Any) -> StepTokens:
-    """Tokenise ``prompt + response`` with the response as one segment, so its end token is the score position."""
-    return step_end_token_indices(prompt, [response] if response else [], tokenizer)
 
 
 @dataclass

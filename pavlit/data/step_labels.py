@@ -53,8 +53,8 @@ from pavlit.data.loading import (
 )
 from pavlit.data.reading import BadRecords, OnBadRecord, iter_records, valid_step_records
 from pavlit.data.rollouts import Rollout, group_rollouts, is_validation_problem, split_problems, truncate_at_step
+from pavlit.modules.losses import balance_weights
 from pavlit.steps import StepTokens, pad_step_batch, step_end_token_indices
-from pavlit.verifier import balance_weights
 
 # Reading (pavlit.data.reading), rollouts (pavlit.data.rollouts) and loading (pavlit.data.loading) have files of
 # their own; their names stay importable from here, where they were first.

@@ -1,7 +1,7 @@
 """Scoring heads: turn a backbone's last hidden state at chosen positions into one logit each.
 
-Two ways to read a verifier score (docs/method.md §4), chosen by ``head_type`` in :class:`pavlit.modules.pav.PAVModule`
-and :class:`pavlit.modules.orm.ORMModule`:
+Two ways to read a verifier score (docs/method.md §4), chosen by ``head_type`` of a
+:class:`pavlit.models.verifier.Verifier` (``PAVModule`` / ``ORMModule`` in training):
 
 * ``"linear"`` — :class:`ValueHead`, a fresh ``Linear(hidden, 1)`` on the last hidden state **[pavlit default]**.
 * ``"token"`` — :class:`TokenHead`, the paper's scoring token: the logit the language-model head gives to a fixed
@@ -18,7 +18,7 @@ and :class:`pavlit.modules.orm.ORMModule`:
   policy's log-likelihood of a response separates right from wrong answers with AUROC 0.92, while linear heads
   trained on 48k MC labels reach 0.68); this head hands that signal to the value estimate instead of leaving the
   fine-tuning to rediscover it. The features are read from the verifier's *current* backbone without gradient
-  (:func:`pavlit.verifier.likelihood_features`); the MLP's output layer starts at zero, so training starts from
+  (:func:`pavlit.models.scoring.likelihood_features`); the MLP's output layer starts at zero, so training starts from
   the plain linear head. It costs one output-embedding projection per token (cheap for small vocabularies).
 
 All heads are plain ``nn.Module``s kept outside any peft wrapper, so they always train fully.

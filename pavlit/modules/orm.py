@@ -1,14 +1,14 @@
-"""``ORMModule``: the outcome verifier, one score per full response (docs/method.md §4), used for best-of-N.
+"""``ORMModule``: trains the outcome verifier, one score per full response (docs/method.md §4), used for best-of-N.
 
-Same backbone family, heads, LoRA / 4-bit, scale-out and export format as :class:`pavlit.modules.pav.PAVModule`
-(shared through :mod:`pavlit.verifier`); the score sits on the last token of the response and the loss is BCE
-against the 0/1 outcome. Validation logs ``val/bce``, ``val/auroc``, ``val/accuracy`` and the majority/constant
-baseline's ``val/baseline_bce`` and ``val/baseline_accuracy``.
+The model is a :class:`pavlit.models.verifier.Verifier` of kind ``"orm"`` (``self.verifier``): same backbone
+family, heads, LoRA / 4-bit, scale-out and export format as :class:`pavlit.modules.pav.PAVModule`; the score
+sits on the last token of the response and the loss is BCE against the 0/1 outcome. Validation logs
+``val/bce``, ``val/auroc``, ``val/accuracy`` and the majority/constant baseline's ``val/baseline_bce`` and
+``val/baseline_accuracy``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -19,32 +19,21 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
-from pavlit.data.outcomes import outcome_tokens
-from pavlit.models.adapters import LoRAArgs, QuantArgs, check_compatible
+from pavlit.models.adapters import LoRAArgs, QuantArgs
 from pavlit.modules.checks import check_optimisation
-from pavlit.policy.sources import ModelSource, TinyPolicy
-from pavlit.steps import pad_step_batch
-from pavlit.verifier import (
-    ConstantBaseline,
-    DefinedAUROC,
-    accelerator_name,
-    as_group,
-    as_model_source,
-    build_head,
-    build_reference,
-    configure_adam_warmup_cosine,
-    defined_metrics,
-    export_init_args,
+from pavlit.modules.losses import masked_bce_with_logits
+from pavlit.modules.metrics import ConstantBaseline, DefinedAUROC, defined_metrics
+from pavlit.modules.optim import LRSchedulerCallable, OptimizerCallable, configure_optimization
+from pavlit.modules.verifier_fit import (
+    check_setup,
     export_on_train_end,
-    load_backbone,
-    load_export_weights,
-    masked_bce_with_logits,
-    read_export,
-    save_verifier,
-    score_positions,
-    shard_fsdp2,
-    source_to_dict,
+    init_verifier_module,
+    load_verifier_module,
+    shard_verifier,
+    upgrade_state_dict,
+    verifier_state_dict,
 )
+from pavlit.policy.sources import ModelSource, TinyPolicy
 
 __all__ = ["ORMModule"]
 
@@ -58,10 +47,12 @@ class ORMModule(LightningModule):
         score_token: The scoring token for ``head_type="token"`` (default: EOS).
         lora: LoRA adapters on the backbone (the head always trains fully).
         quant: 4/8-bit loading of the backbone (needs LoRA and a local-folder source).
-        lr: Peak learning rate (AdamW).
-        weight_decay: AdamW weight decay.
-        warmup_steps: Linear warm-up steps before the cosine decay.
+        lr: Peak learning rate of the default optimizer (AdamW).
+        weight_decay: AdamW weight decay (matrices only).
+        warmup_steps: Linear warm-up steps before the default cosine decay.
         export: Write ``<default_root_dir>/verifier`` and ``metrics.json`` when training ends.
+        optimizer: Builds another optimizer from the parameters (see :mod:`pavlit.modules.optim`).
+        lr_scheduler: Builds another schedule from the optimizer, stepped every optimizer step.
     """
 
     def __init__(
@@ -75,28 +66,28 @@ class ORMModule(LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
         export: bool = True,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         check_optimisation("ORMModule", lr, weight_decay, warmup_steps)
         super().__init__()
-        self.save_hyperparameters()
-        source, lora, quant = as_model_source(source), as_group(lora, LoRAArgs), as_group(quant, QuantArgs)
-        self.hparams.update(
-            source=source_to_dict(source), lora=dataclasses.asdict(lora), quant=dataclasses.asdict(quant)
-        )
-        self.lora, self.quant = lora, quant
-        self.backbone, self.tokenizer = load_backbone(source, lora, quant)
-        self.value_head = build_head(head_type, self.backbone.config.hidden_size, self.tokenizer, score_token)
-        self.reference = build_reference(self.backbone, head_type)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        init_verifier_module(self, "orm", source, head_type, score_token, lora, quant)
         self.val_bce = MeanMetric()
         self.val_auroc = DefinedAUROC()
         self.val_accuracy = BinaryAccuracy()
         self.val_baseline = ConstantBaseline()
-        self._sharded = False
+
+    @property
+    def tokenizer(self) -> Any:
+        """The verifier's tokenizer."""
+        return self.verifier.tokenizer
 
     @property
     def max_positions(self) -> int | None:
         """The longest sequence the backbone is configured for."""
-        return getattr(self.backbone.config, "max_position_embeddings", None)
+        return self.verifier.max_positions
 
     def forward(
         self,
@@ -110,9 +101,7 @@ class ORMModule(LightningModule):
         ``prompt_end`` ``[B]`` (the question's last token) is where the response starts; only the
         ``"likelihood"`` head needs it.
         """
-        return score_positions(
-            self.backbone, self.value_head, input_ids, attention_mask, positions, prompt_end, self.reference
-        )[:, 0]
+        return self.verifier(input_ids, attention_mask, positions, prompt_end)[:, 0]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"], batch["positions"], batch.get("prompt_end"))
@@ -146,95 +135,39 @@ class ORMModule(LightningModule):
             metric.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        total = self.trainer.estimated_stepping_batches if self.trainer is not None else 1
-        return configure_adam_warmup_cosine(
-            self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps, int(total)
+        hp = self.hparams
+        return configure_optimization(
+            self,
+            self.parameters(),
+            self.optimizer_factory,
+            self.scheduler_factory,
+            hp.lr,
+            hp.weight_decay,
+            hp.warmup_steps,
         )
 
     def setup(self, stage: str) -> None:
-        check_compatible(
-            self.lora,
-            self.quant,
-            precision=self.trainer.precision,
-            training=stage == "fit",
-            accelerator=accelerator_name(self.trainer),
-        )
+        check_setup(self, stage)
 
     def configure_model(self) -> None:
-        if self.device_mesh is None or self._sharded:
-            return
-        if self.quant.enabled:
-            raise ValueError("FSDP2 sharding of a 4/8-bit backbone is not supported; use DDP with quant.mode")
-        shard_fsdp2(self.backbone, self.value_head, self.device_mesh)
-        self._sharded = True
+        shard_verifier(self)
 
     def on_train_end(self) -> None:
         if self.hparams.export:
             export_on_train_end(self, "orm")
 
-    # --- inference API (best-of-N) ------------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        upgrade_state_dict(checkpoint)
 
-    @torch.no_grad()
     def score_responses(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """P(correct) of each full response, ``[N]`` float32 on CPU.
-
-        Args:
-            prompts: The questions.
-            responses: The full responses (same length as ``prompts``).
-            batch_size: Responses per forward pass.
-        """
-        if len(prompts) != len(responses):
-            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-        tokens = [outcome_tokens(p, r, self.tokenizer) for p, r in zip(prompts, responses)]
-        limit = self.max_positions
-        for item in tokens:
-            if item.prefix_ends[-1] < 0:
-                raise ValueError("an empty prompt and response with no BOS token cannot be scored")
-            if limit is not None and len(item.input_ids) > limit:
-                raise ValueError(f"a response is {len(item.input_ids)} tokens, more than the model's {limit} positions")
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        order = sorted(range(len(tokens)), key=lambda i: len(tokens[i].input_ids))
-        scores = torch.empty(len(tokens))
-        was_training = self.training
-        self.eval()
-        try:
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                batch = pad_step_batch([tokens[i] for i in rows], pad, side="right")
-                last = torch.tensor([len(tokens[i].step_ends) for i in rows])
-                positions = batch.prefix_positions.gather(1, last[:, None])
-                logits = self(
-                    batch.input_ids.to(self.device),
-                    batch.attention_mask.to(self.device),
-                    positions.to(self.device),
-                    batch.prompt_end.to(self.device),
-                )
-                scores[rows] = torch.sigmoid(logits).float().cpu()
-                if not torch.isfinite(scores[rows]).all():
-                    raise FloatingPointError("the outcome verifier returned NaN scores (are its weights finite?)")
-        finally:
-            self.train(was_training)
-        return scores
-
-    # --- export ------------------------------------------------------------------------------------------------
+        """:meth:`pavlit.models.verifier.Verifier.score_responses` of the model being trained."""
+        return self.verifier.score_responses(prompts, responses, batch_size)
 
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write the same folder format as :meth:`PAVModule.save_pretrained` (kind ``"orm"``)."""
-        settings = {
-            "head_type": self.hparams.head_type,
-            "score_token": self.hparams.score_token,
-            "source": self.hparams.source,
-            "lora": self.hparams.lora,
-            "quant": self.hparams.quant,
-        }
-        return save_verifier(
-            path, "orm", self.backbone, self.tokenizer, self.value_head, settings, state_dict, self.reference
-        )
+        """Export the verifier (same folder format as :meth:`PAVModule.save_pretrained`, kind ``"orm"``)."""
+        return self.verifier.save_pretrained(path, verifier_state_dict(state_dict))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> ORMModule:
-        """Reload a folder written by :meth:`save_pretrained`, in eval mode."""
-        meta = read_export(path, "orm")
-        module = cls(**{**export_init_args(path, meta), **overrides})
-        load_export_weights(path, meta, module.backbone, module.value_head, module.reference)
-        return module.eval()
+        """Rebuild the module from an exported folder to train it further, in eval mode."""
+        return load_verifier_module(cls, "orm", path, overrides)

@@ -24,35 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 
-from pavlit.data.sft import IGNORE_INDEX
 from pavlit.interfaces import Problem, Task
 from pavlit.models.adapters import LoRAArgs, apply_lora, count_parameters, save_adapter
 from pavlit.modules.checks import check_optimisation
+from pavlit.modules.losses import causal_lm_loss
+from pavlit.modules.optim import LRSchedulerCallable, OptimizerCallable, configure_optimization, warmup_cosine
 from pavlit.policy.sampler import Sampler
 from pavlit.policy.sources import ModelSource, TinyPolicy
 
 __all__ = ["SFTModule", "causal_lm_loss", "export_policy", "pass_at_k", "sample_correct_counts", "warmup_cosine"]
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token cross-entropy over the positions whose label is not ``IGNORE_INDEX``.
-
-    Args:
-        logits: ``[batch, seq, vocab]``; position ``t`` predicts token ``t + 1``.
-        labels: ``[batch, seq]`` token ids, ``IGNORE_INDEX`` where no loss is wanted (prompt, padding).
-
-    Returns:
-        ``(loss, n_tokens)``: the mean over counted target tokens (0 when there are none) and their number.
-    """
-    targets = labels[:, 1:]
-    n_tokens = (targets != IGNORE_INDEX).sum()
-    token_losses = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return token_losses / n_tokens.clamp(min=1), n_tokens
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -75,22 +57,6 @@ def sample_correct_counts(
         return []
     out = sampler.complete([p.prompt for p in problems], n=n, max_new_tokens=max_new_tokens)
     return [sum(task.score(p, text) >= 1.0 for text in texts) for p, texts in zip(problems, out.texts, strict=True)]
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate multiplier: linear warm-up to 1 over ``warmup_steps`` steps, then cosine down to 0.
-
-    Step ``s < warmup_steps`` gets ``(s + 1) / warmup_steps`` (the first update is not wasted at lr 0); after it
-    the multiplier is ``0.5 * (1 + cos(pi * (s - warmup_steps) / (total_steps - warmup_steps)))``, and 0 from
-    ``total_steps`` on. A warm-up longer than the run is cut to the run's length.
-    """
-    warmup_steps = min(warmup_steps, total_steps)
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if step >= total_steps:
-        return 0.0
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def export_policy(model: torch.nn.Module, tokenizer: Any, root: str | Path) -> dict[str, str]:
@@ -123,7 +89,7 @@ class SFTModule(LightningModule):
     Args:
         source: Where the policy comes from (``TinyPolicy``, ``Pretrained``, ``Gemma3_270M``).
         lora: Train LoRA adapters instead of all weights (export then writes the adapter and a merged folder).
-        lr: Peak AdamW learning rate.
+        lr: Peak learning rate of the default optimizer (AdamW).
         weight_decay: AdamW weight decay, applied to matrices only (not to norms or biases).
         warmup_steps: Linear warm-up steps before the cosine decay to 0 over the run's optimizer steps.
         eval_problems: Validation problems on which pass@k is sampled each validation epoch (0: off).
@@ -131,6 +97,8 @@ class SFTModule(LightningModule):
             ``val/pass@{eval_samples}``.
         eval_max_new_tokens: Cap on a sampled response's tokens.
         export: At the end of training, save the policy to ``<default_root_dir>/policy`` and ``metrics.json``.
+        optimizer: Builds another optimizer from the parameters (see :mod:`pavlit.modules.optim`).
+        lr_scheduler: Builds another schedule from the optimizer, stepped every optimizer step.
     """
 
     def __init__(
@@ -144,10 +112,13 @@ class SFTModule(LightningModule):
         eval_samples: int = 4,
         eval_max_new_tokens: int = 128,
         export: bool = True,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         check_optimisation("SFTModule", lr, weight_decay, warmup_steps)
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         if eval_samples < 1 or eval_problems < 0 or warmup_steps < 0:
             raise ValueError("need eval_samples >= 1, eval_problems >= 0 and warmup_steps >= 0")
         model, self.tokenizer = source.load()
@@ -194,18 +165,16 @@ class SFTModule(LightningModule):
                 self.log(f"val/pass@{k}", passk / total, rank_zero_only=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("the cosine schedule needs a finite run: set trainer.max_steps or trainer.max_epochs")
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": self.hparams.weight_decay},
-            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr)
-        warmup = self.hparams.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, int(total)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        hp = self.hparams
+        return configure_optimization(
+            self,
+            self.parameters(),
+            self.optimizer_factory,
+            self.scheduler_factory,
+            hp.lr,
+            hp.weight_decay,
+            hp.warmup_steps,
+        )
 
     def on_fit_start(self) -> None:
         trainable, total = count_parameters(self.model)

@@ -50,9 +50,9 @@ class CheckpointProver(Prover):
         if self._verifier is None:
             if self.verifier_path is None:
                 raise ValueError("CheckpointProver.q_values needs verifier_path; without it use estimate(...)")
-            from pavlit.modules.pav import PAVModule
+            from pavlit.models.verifier import Verifier
 
-            self._verifier = PAVModule.from_pretrained(self.verifier_path)
+            self._verifier = Verifier.from_pretrained(self.verifier_path, kind="pav")
         return self._verifier
 
     def q_values(

@@ -22,7 +22,7 @@ __all__ = ["ORMReward", "PAVReward", "PQVReward", "PrefixScorer", "ResponseScore
 
 @runtime_checkable
 class PrefixScorer(Protocol):
-    """What ``pqv``/``pav`` need from a process verifier (``PAVModule`` has it)."""
+    """What ``pqv``/``pav`` need from a process verifier (:class:`~pavlit.models.verifier.Verifier` has it)."""
 
     def score_prefixes(
         self, prompts: Sequence[str], steps: Sequence[Sequence[str]], batch_size: int = 64
@@ -33,7 +33,7 @@ class PrefixScorer(Protocol):
 
 @runtime_checkable
 class ResponseScorer(Protocol):
-    """What ``orm`` needs from an outcome verifier (``ORMModule`` has it)."""
+    """What ``orm`` needs from an outcome verifier (:class:`~pavlit.models.verifier.Verifier` has it)."""
 
     def score_responses(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """P(correct) of each full response, ``[N]``."""
@@ -50,13 +50,11 @@ def load_verifier(kind: str, path: str, device: torch.device | str = "cpu") -> A
     """
     key = (kind, str(Path(path).resolve()), str(device))
     if key not in _LOADED:
-        if kind == "pav":
-            from pavlit.modules.pav import PAVModule as module_class
-        elif kind == "orm":
-            from pavlit.modules.orm import ORMModule as module_class
-        else:
+        if kind not in ("pav", "orm"):
             raise ValueError(f"kind must be 'pav' or 'orm', got {kind!r}")
-        _LOADED[key] = module_class.from_pretrained(path).to(device).eval()
+        from pavlit.models.verifier import Verifier
+
+        _LOADED[key] = Verifier.from_pretrained(path, kind=kind, device=device)
     return _LOADED[key]
 
 
