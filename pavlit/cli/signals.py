@@ -14,11 +14,11 @@ from typing import Any
 
 
 class Interrupted(BaseException):
-    """A SIGTERM or SIGINT arrived while a command ran (raised in the main thread by :func:`main`'s handler).
+    """A SIGTERM or SIGINT arrived while a command ran (raised in the main thread by :func:`pavlit.cli.main`'s handler).
 
     A ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` on the way swallows it: the
     command unwinds as after any error (open files closed, locks released, Lightning's ``on_exception`` hooks),
-    and :func:`main` reports it in one line with exit status ``128 + signum``.
+    and :func:`pavlit.cli.main` reports it in one line with exit status ``128 + signum``.
     """
 
     def __init__(self, signum: int) -> None:
