@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pavlit.jobs.jsonl import json_objects
+
 __all__ = ["write_report"]
 
 
@@ -73,11 +75,10 @@ def _mean_step_change(path: Path) -> tuple[float | None, int]:
     if not path.exists():
         return None, 0
     total, pairs = 0.0, 0
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            labels = json.loads(line).get("labels") or []
-            total += sum(abs(b - a) for a, b in zip(labels, labels[1:]))
-            pairs += max(len(labels) - 1, 0)
+    for _, record in json_objects(path):
+        labels = record.get("labels") or []
+        total += sum(abs(b - a) for a, b in zip(labels, labels[1:]))
+        pairs += max(len(labels) - 1, 0)
     return (total / pairs if pairs else None), pairs
 
 

@@ -322,6 +322,6 @@ def pad_id_of(tokenizer: Any) -> int:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise ValueError(
             f"the tokenizer {name!r} has neither a pad nor an eos token, so batches cannot be padded; set "
-            "tokenizer.pad_token (e.g. to an existing special token) before training"
+            "tokenizer.pad_token (e.g. to an existing special token) first"
         )
     return int(pad)

@@ -12,7 +12,9 @@ from lightning.pytorch import Trainer
 from pavlit.cli import RUN_DIR_ENV, main
 from pavlit.data.sft import IGNORE_INDEX, SFTDataModule, SFTExample, collate_sft, encode_example, read_rollouts
 from pavlit.models.adapters import LoRAArgs
-from pavlit.modules.sft import SFTModule, causal_lm_loss, export_policy, pass_at_k, warmup_cosine
+from pavlit.modules.losses import causal_lm_loss
+from pavlit.modules.optim import warmup_cosine
+from pavlit.modules.sft import SFTModule, export_policy, pass_at_k
 from pavlit.policy.sources import Pretrained, TinyPolicy
 from pavlit.policy.tokenizer import build_char_tokenizer
 from pavlit.tasks.arithmetic import ALPHABET, ArithmeticTask

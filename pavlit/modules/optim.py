@@ -51,38 +51,31 @@ def decay_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[di
     return [group for group in groups if group["params"]]
 
 
-def configure_optimization(
-    module: Any,
-    params: Iterable[nn.Parameter],
-    optimizer: OptimizerCallable | None,
-    lr_scheduler: LRSchedulerCallable | None,
-    lr: float,
-    weight_decay: float,
-    warmup_steps: int,
-) -> dict[str, Any]:
+def configure_optimization(module: Any, params: Iterable[nn.Parameter] | None = None) -> dict[str, Any]:
     """What ``configure_optimizers`` returns: the injected optimizer and schedule, or AdamW + :func:`warmup_cosine`.
+
+    Reads the module's ``optimizer_factory`` / ``scheduler_factory`` (its ``optimizer`` / ``lr_scheduler``
+    arguments) and ``hparams.lr``, ``hparams.weight_decay``, ``hparams.warmup_steps``.
 
     Args:
         module: The LightningModule (its trainer sizes the default schedule).
-        params: The parameters to train (frozen ones are skipped).
-        optimizer: Builds the optimizer from the parameters; None means AdamW at ``lr`` / ``weight_decay``.
-        lr_scheduler: Builds the schedule from the optimizer (stepped every optimizer step); None means
-            :func:`warmup_cosine` with ``warmup_steps`` over the run (``trainer.estimated_stepping_batches``).
+        params: The parameters to train (default: all of the module's; frozen ones are skipped).
 
     Raises:
         ValueError: The default schedule on a run with no finite length.
     """
-    params = [p for p in params if p.requires_grad]
-    if optimizer is None:
-        built = torch.optim.AdamW(decay_groups(params, weight_decay), lr=lr)
+    hp = module.hparams
+    params = [p for p in (module.parameters() if params is None else params) if p.requires_grad]
+    if module.optimizer_factory is None:
+        optimizer = torch.optim.AdamW(decay_groups(params, hp.weight_decay), lr=hp.lr)
     else:
-        built = optimizer(params)
-    if lr_scheduler is not None:
-        schedule = lr_scheduler(built)
+        optimizer = module.optimizer_factory(params)
+    if module.scheduler_factory is not None:
+        schedule = module.scheduler_factory(optimizer)
     else:
         total = module.trainer.estimated_stepping_batches if module._trainer is not None else 1
         if not math.isfinite(total):
             raise ValueError("the cosine schedule needs a finite run: set trainer.max_steps or trainer.max_epochs")
-        total = max(int(total), 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(built, lambda step: warmup_cosine(step, warmup_steps, total))
-    return {"optimizer": built, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        total, warmup = max(int(total), 1), hp.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -140,16 +140,7 @@ class PAVModule(LightningModule):
             metric.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return configure_optimization(
-            self,
-            self.parameters(),
-            self.optimizer_factory,
-            self.scheduler_factory,
-            hp.lr,
-            hp.weight_decay,
-            hp.warmup_steps,
-        )
+        return configure_optimization(self)
 
     def setup(self, stage: str) -> None:
         check_setup(self, stage)

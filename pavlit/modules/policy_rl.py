@@ -27,10 +27,7 @@ At the end of training the policy is exported to ``<default_root_dir>/policy`` w
 from __future__ import annotations
 
 import copy
-import json
-import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -41,6 +38,7 @@ from pavlit.data.prompts import PromptBatch
 from pavlit.interfaces import Problem, Task
 from pavlit.models.adapters import LoRAArgs, apply_lora
 from pavlit.modules.checks import check_optimisation
+from pavlit.modules.optim import LRSchedulerCallable, OptimizerCallable, configure_optimization
 from pavlit.modules.rollout_batch import (
     Rollouts,
     at_response_tokens,
@@ -52,7 +50,7 @@ from pavlit.modules.rollout_batch import (
     rollout_metrics,
     token_targets,
 )
-from pavlit.modules.sft import export_policy, warmup_cosine
+from pavlit.modules.sft import export_run
 from pavlit.policy.backends import PavlitBackend, SamplerBackend, SamplingSettings
 from pavlit.policy.loading import Policy
 from pavlit.policy.sampler import Sampler
@@ -98,6 +96,8 @@ class PolicyRLModule(LightningModule):
         export: Save ``<default_root_dir>/policy`` and ``metrics.json`` when training ends.
         backend: The rollout engine (default: pavlit's ``Sampler`` on the training weights themselves;
             ``pavlit.policy.backends.VLLMBackend`` on a GPU, whose weights are refreshed before every rollout).
+        optimizer: Builds another optimizer from the parameters (default AdamW at ``lr``; :mod:`pavlit.modules.optim`).
+        lr_scheduler: Builds another schedule from the optimizer (default warm-up + cosine), stepped every step.
     """
 
     def __init__(
@@ -128,10 +128,13 @@ class PolicyRLModule(LightningModule):
         seed: int = 0,
         export: bool = True,
         backend: SamplerBackend | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         check_optimisation("PolicyRLModule", lr, weight_decay, warmup_steps)
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         if reward_form not in ("advantage", "q_mu"):
             raise ValueError(f"reward_form must be 'advantage' or 'q_mu', got {reward_form!r}")
         if baseline not in ("value_head", "leave_one_out", "none"):
@@ -332,18 +335,7 @@ class PolicyRLModule(LightningModule):
     # --- optimisation and hooks --------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("the cosine schedule needs a finite run: set trainer.max_steps or trainer.max_epochs")
-        trainable = [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("reference")]
-        groups = [
-            {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": self.hparams.weight_decay},
-            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr)
-        warmup = self.hparams.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, int(total)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimization(self, (p for n, p in self.named_parameters() if not n.startswith("reference")))
 
     def setup(self, stage: str) -> None:
         self._task()
@@ -353,16 +345,8 @@ class PolicyRLModule(LightningModule):
     def on_train_end(self) -> None:
         if not self.hparams.export or not self.trainer.is_global_zero:
             return
-        root = Path(self.trainer.default_root_dir or self.trainer.log_dir or ".")
-        paths = export_policy(self.model, self.tokenizer, root)
-        metrics = {
-            name: float(value)
-            for name, value in self.trainer.callback_metrics.items()
-            if name.startswith(("val/", "train/")) and value.numel() == 1
-        }
-        summary = {**metrics, "global_step": self.global_step, "samples": self.samples_seen, **paths}
-        summary["history"] = self.history
-        (root / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        extra = {"samples": self.samples_seen, "history": self.history}
+        paths, _ = export_run(self, ("val/", "train/"), extra)
         self.print(f"RL: exported the policy to {paths['policy']}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -27,14 +27,15 @@ import torch
 from lightning.pytorch import LightningModule
 
 from pavlit.interfaces import Problem, Task
+from pavlit.jobs.atomic import atomic_write_text
 from pavlit.models.adapters import LoRAArgs, apply_lora, count_parameters, save_adapter
 from pavlit.modules.checks import check_optimisation
 from pavlit.modules.losses import causal_lm_loss
-from pavlit.modules.optim import LRSchedulerCallable, OptimizerCallable, configure_optimization, warmup_cosine
+from pavlit.modules.optim import LRSchedulerCallable, OptimizerCallable, configure_optimization
 from pavlit.policy.sampler import Sampler
 from pavlit.policy.sources import ModelSource, TinyPolicy
 
-__all__ = ["SFTModule", "causal_lm_loss", "export_policy", "pass_at_k", "sample_correct_counts", "warmup_cosine"]
+__all__ = ["SFTModule", "export_policy", "export_run", "pass_at_k", "sample_correct_counts"]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -78,6 +79,25 @@ def export_policy(model: torch.nn.Module, tokenizer: Any, root: str | Path) -> d
     model.save_pretrained(paths["policy"])
     tokenizer.save_pretrained(paths["policy"])
     return paths
+
+
+def export_run(module: Any, prefixes: tuple[str, ...], extra: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """Export ``module.model`` (:func:`export_policy`) and write ``<default_root_dir>/metrics.json`` atomically.
+
+    ``metrics.json`` holds the last logged scalar metrics whose names start with ``prefixes``, ``global_step``,
+    ``extra`` and the export's paths. Returns ``(paths, metrics)``.
+    """
+    trainer = module.trainer
+    root = Path(trainer.default_root_dir or trainer.log_dir or ".")
+    paths = export_policy(module.model, module.tokenizer, root)
+    metrics = {
+        name: float(value)
+        for name, value in trainer.callback_metrics.items()
+        if name.startswith(prefixes) and value.numel() == 1
+    }
+    summary = {**metrics, "global_step": module.global_step, **extra, **paths}
+    atomic_write_text(root / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    return paths, metrics
 
 
 class SFTModule(LightningModule):
@@ -165,16 +185,7 @@ class SFTModule(LightningModule):
                 self.log(f"val/pass@{k}", passk / total, rank_zero_only=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return configure_optimization(
-            self,
-            self.parameters(),
-            self.optimizer_factory,
-            self.scheduler_factory,
-            hp.lr,
-            hp.weight_decay,
-            hp.warmup_steps,
-        )
+        return configure_optimization(self)
 
     def on_fit_start(self) -> None:
         trainable, total = count_parameters(self.model)
@@ -183,13 +194,5 @@ class SFTModule(LightningModule):
     def on_train_end(self) -> None:
         if not self.hparams.export or not self.trainer.is_global_zero:
             return
-        root = Path(self.trainer.default_root_dir or self.trainer.log_dir or ".")
-        paths = export_policy(self.model, self.tokenizer, root)
-        metrics = {
-            name: float(value)
-            for name, value in self.trainer.callback_metrics.items()
-            if name.startswith("val/") and value.numel() == 1
-        }
-        summary = {**metrics, "global_step": self.global_step, "epoch": self.current_epoch, **paths}
-        (root / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        paths, metrics = export_run(self, ("val/",), {"epoch": self.current_epoch})
         self.print(f"SFT: exported the policy to {paths['policy']} ({json.dumps(metrics)})")

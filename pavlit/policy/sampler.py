@@ -40,6 +40,7 @@ from pavlit.policy.records import (
 )
 from pavlit.policy.sampling import sample_tokens
 from pavlit.policy.vllm_sampler import VLLM_INSTALL_HINT, VLLMSampler
+from pavlit.steps import pad_id_of
 
 __all__ = [
     "STOP_DELIMITER",
@@ -110,10 +111,7 @@ class Sampler(SamplerCalls):
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad_id is None:
-            raise ValueError("the tokenizer needs a pad or an eos token")
-        self.pad_id = int(pad_id)
+        self.pad_id = pad_id_of(tokenizer)
         self.eos_ids = self._eos_ids(model, tokenizer)
         self.vocab_size = max(len(tokenizer), model.get_output_embeddings().weight.shape[0])
         self.is_eos = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
