@@ -119,7 +119,8 @@ def test_default_optimizer_is_adamw_with_decay_on_matrices_and_warmup_cosine():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)  # warm-up cut to the 1-step run: (0 + 1) / 1
 
 
-def test_a_config_injects_the_optimizer_through_the_cli():
+@pytest.mark.parametrize("config", ["sft", "orm", "pav", "rl"])
+def test_a_config_injects_the_optimizer_through_the_cli(config):
     out = subprocess.run(
         [
             sys.executable,
@@ -127,7 +128,7 @@ def test_a_config_injects_the_optimizer_through_the_cli():
             "pavlit",
             "fit",
             "--config",
-            "configs/tiny/pav.yaml",
+            f"configs/tiny/{config}.yaml",
             "--model.optimizer",
             "torch.optim.SGD",
             "--model.optimizer.lr",
