@@ -124,3 +124,21 @@ def test_every_pipeline_stage_parses_with_its_overrides(name, command, parse_onl
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--print_config"])
     assert exit_info.value.code in (0, None), capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny_rl.yaml", "didactic_rl.yaml"])
+def test_an_older_releases_config_converts_with_the_readmes_one_line(parse_only, name, tmp_path):
+    """tests/fixtures/configs_v1 holds configs as shipped before the RL modules were renamed; the README's sed line
+    turns each into one that parses and names the renamed classes."""
+    import shutil
+    import subprocess
+
+    line = re.search(r"`(sed -i '[^`]+' my_rl\.yaml)`", (REPO / "README.md").read_text())
+    assert line, "README.md should document the one-line config conversion"
+    config = tmp_path / "my_rl.yaml"
+    shutil.copy(REPO / "tests" / "fixtures" / "configs_v1" / name, config)
+    subprocess.run(["bash", "-c", line.group(1)], cwd=tmp_path, check=True)
+    text = config.read_text()
+    assert "pavlit.rl." not in text and "modules.rl." not in text and "didactic.rl." not in text
+    cli = parse_only(args=["--config", str(config)], run=False)
+    assert cli.config.model.class_path.endswith(("policy_rl.PolicyRLModule", "training.DidacticRLModule"))
