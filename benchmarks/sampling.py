@@ -23,6 +23,8 @@ Usage::
     python benchmarks/sampling.py --model gemma --dtype bfloat16 --prefixes 4 --n 8 --max-new-tokens 32 \
         --repeats 1 --skip-extras                     # a few CPU minutes on one thread
     python benchmarks/sampling.py --model path/to/hf/folder --dtype bfloat16 --out sampling.json
+    python benchmarks/sampling.py --model smollm2 --prefixes 4 --n 8 --max-new-tokens 32 --dump-prompts w.json
+                                                      # the workload only, for benchmarks/sampling_vllm.py
 """
 
 from __future__ import annotations
@@ -141,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-extras", action="store_true", help="only the baseline and pavlit/complete")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--dump-prompts",
+        type=Path,
+        default=None,
+        help="write the workload (prompts, their token ids, n, max new tokens, eos ids) as JSON here and exit "
+        "without timing; benchmarks/sampling_vllm.py reads it",
+    )
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -172,6 +181,20 @@ def main(argv: list[str] | None = None) -> int:
     eos_ids = sampler.eos_ids
     pad_id = sampler.pad_id
     encoded = [tokenizer(prompt, return_tensors="pt") for prompt in prompts]
+    if args.dump_prompts is not None:
+        workload = {
+            "model": args.model,
+            "prompts": prompts,
+            "prompt_token_ids": [batch["input_ids"][0].tolist() for batch in encoded],
+            "n": n,
+            "max_new_tokens": max_new,
+            "eos_ids": sorted(eos_ids),
+            "seed": args.seed,
+        }
+        args.dump_prompts.parent.mkdir(parents=True, exist_ok=True)
+        args.dump_prompts.write_text(json.dumps(workload, indent=2))
+        print(f"wrote {args.dump_prompts}")
+        return 0
 
     @torch.inference_mode()
     def generate_per_prefix() -> int:
