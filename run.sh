@@ -14,4 +14,4 @@ python -m pip install -q -e ".[dev,quant]"
 # Tiny models run fastest on one intra-op thread per process when cores are shared.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 pavlit pipeline --config configs/tiny/pipeline.yaml   # SFT -> label -> ORM + PAV -> search -> RL; resumes
-echo "done: the combined report is runs/tiny/report.md"
+echo "done: the combined report is runs/pipeline/report.md"

@@ -226,7 +226,12 @@ def _fake_run(root: Path, search_baseline: list[float]) -> list:
     ]
     efficiency = {"baseline": "orm_bon", "target": "pav_beam", "baseline_budget": 16,
                   "baseline_accuracy": search_baseline[-1], "ratio": 4.0, "ratio_vs_first_reach": 2.0}  # fmt: skip
-    put("search/results.json", {"points": points, "efficiency": efficiency})
+    paired = [
+        {"first": f, "second": "pav_beam", "budget": b, "difference": d, "ci_low": lo, "ci_high": hi}
+        for f, b, d, lo, hi in (("orm_bon", 4, 0.3, 0.1, 0.5), ("orm_bon", 16, 0.1, -0.05, 0.25),
+                                ("pqv_beam", 16, 0.05, 0.01, 0.09))
+    ]  # fmt: skip
+    put("search/results.json", {"paired": paired, "points": points, "efficiency": efficiency})
     put("search/report.md", "# Test-time search\n\n| method | 95% CI |\n\n![plot](accuracy_vs_compute.png)\n")
     put("search/accuracy_vs_compute.png", "png")
     curves = {
@@ -262,7 +267,9 @@ def test_the_report_fills_every_stage_section(tmp_path):
     assert "compute-efficiency ratio 4.00× at the largest budget, 2.00× against where" in summary
     assert "RL (1 seed): final accuracy PAV-RL 0.450 [0.430–0.470], ORM-RL 0.360 [0.340–0.380], gap +0.090;" in summary
     assert "sample efficiency 2.00×" in summary and "not shown to differ)" not in summary.split("RL (")[1]
-    assert "Not shown: rft." in summary and "Paired per-problem differences" in summary
+    assert "Not shown: rft." in summary
+    paired = "search, paired on the same problems: `pav_beam` − `orm_bon` +0.100 [-0.050, +0.250] at budget 16 "
+    assert paired + "(contains 0), `pav_beam` − `pqv_beam` +0.050 [+0.010, +0.090] at budget 16 (excludes 0)" in summary
     sft = report.split("## sft")[1].split("## label")[0]
     assert "| val/pass@1 | 0.3100 |" in sft and "| val/pass@4 | 0.5500 |" in sft
     label = report.split("## label")[1].split("## orm")[0]

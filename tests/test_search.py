@@ -433,6 +433,25 @@ def test_summarise_and_render_from_a_tiny_results_set(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_paired_differences_hand_computed():
+    from pavlit.search.paired import paired_differences, render_paired
+
+    def rec(method, budget, pid, correct, response="r"):
+        return {"method": method, "budget": budget, "problem_id": pid, "correct": correct, "response": response}
+
+    records = [rec("a", 1, f"p{i}", c) for i, c in enumerate([1, 0, 0, 1])]
+    records += [rec("b", 1, f"p{i}", c, "s" if i < 2 else "r") for i, c in enumerate([1, 1, 0, 1])]
+    records += [rec("b", 2, "p0", True)]  # a budget only b ran: no row
+    (row,) = paired_differences(records, n_resamples=200)
+    assert (row["first"], row["second"], row["budget"], row["problems"]) == ("a", "b", 1, 4)
+    assert row["difference"] == pytest.approx(0.25) and row["different_responses"] == 2
+    assert 0.0 <= row["ci_low"] <= 0.25 <= row["ci_high"] <= 0.75  # per-problem differences are 0, 1, 0, 0
+    same = paired_differences([r for r in records if r["method"] == "a"] + [{**r, "method": "c"} for r in records[:4]])
+    assert same[0]["difference"] == 0.0 and same[0]["ci_low"] == same[0]["ci_high"] == 0.0
+    text = "\n".join(render_paired(paired_differences(records, n_resamples=200)))
+    assert "| `b` − `a` | 1 | 4 | 2 | 0.750 vs 0.500 | +0.250 [" in text
+
+
 def test_tree_decisions_average_the_counters_and_skip_best_of_n():
     records = [
         {"method": "beam", "budget": 4, "candidates": 2, "contested": 3, "reranked": 1},
@@ -502,7 +521,17 @@ def test_pavlit_search_end_to_end_and_resume(search_setup, tmp_path, capsys):
     assert results["alpha_sweep"]["chosen"] in (0.0, 1.0)
     assert results["efficiency"]["baseline"] == "orm_bon" and results["efficiency"]["target"] == "pav_beam"
     assert (out / "accuracy_vs_compute.png").stat().st_size > 0 and (out / "config.yaml").exists()
-    assert "| pav_beam | 2 |" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "| pav_beam | 2 |" in markdown
+    # The paired differences come first and match the per-method accuracies on the same problems.
+    assert markdown.index("## Paired differences") < markdown.index("| method | N / B |")
+    accuracy = {(p["line"], p["budget"]): p["accuracy"] for p in results["points"]}
+    pairs = {(r["first"], r["second"]) for r in results["paired"]}
+    assert {("orm_bon", "pqv_beam"), ("orm_bon", "pav_beam"), ("pqv_beam", "pav_beam")} <= pairs
+    for row in results["paired"]:
+        assert row["problems"] == 4 and row["ci_low"] <= row["difference"] <= row["ci_high"]
+        want = accuracy[(row["second"], row["budget"])] - accuracy[(row["first"], row["budget"])]
+        assert row["difference"] == pytest.approx(want)
     shards = sorted(out.glob("chunk-*.jsonl"))
     assert len(shards) == 3 * 2  # 3 methods x 2 chunks of 2 problems
     # Kill-and-resume: a lost shard is recomputed, identical; finished ones are not rerun.

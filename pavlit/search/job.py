@@ -42,6 +42,7 @@ from pavlit.policy.checks import check_prompts
 from pavlit.policy.sources import ModelSource
 from pavlit.search import report
 from pavlit.search.methods import AlphaSweep, Efficiency, Method, check_budgets
+from pavlit.search.paired import paired_differences, render_paired
 
 __all__ = ["AlphaSweep", "Efficiency", "Method", "search", "search_command"]
 
@@ -287,9 +288,11 @@ def _run(job: JobSpec, plan: _Plan, out: Path) -> dict[str, Any]:
     }
     report.plot_accuracy_vs_compute(points, out / PLOT_NAME, title=f"{type(task).__name__}: accuracy vs compute")
     decisions = report.tree_decisions(store.records())
-    markdown = report.render_markdown(points, eff, header, sweep_summary, PLOT_NAME, decisions)
+    paired = paired_differences(store.records(), n_resamples=bootstrap, seed=job.seed)
+    markdown = report.render_markdown(points, eff, header, sweep_summary, PLOT_NAME, decisions, render_paired(paired))
     results = {
         "settings": settings,
+        "paired": paired,
         "points": report.points_as_dicts(points),
         "efficiency": eff,
         "alpha_sweep": sweep_summary,
