@@ -13,7 +13,7 @@ from pavlit.data.reading import BadRecords
 from pavlit.modules.checks import check_validation_data
 from pavlit.steps import pad_id_of
 
-__all__ = ["ResumableSampler", "keep_settings", "pad_id_of", "resume_offset", "setup_once", "start_prepare"]
+__all__ = ["ResumableSampler", "keep_settings", "resume_offset", "setup_once", "start_prepare"]
 
 log = logging.getLogger(__name__)
 

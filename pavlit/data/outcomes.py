@@ -26,12 +26,12 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from pavlit.data.loading import keep_settings, pad_id_of, setup_once, start_prepare, train_loader, val_loader
+from pavlit.data.loading import keep_settings, setup_once, start_prepare, train_loader, val_loader
 from pavlit.data.reading import BadRecords, OnBadRecord, iter_records
 from pavlit.data.rollouts import group_rollouts, split_problems
 from pavlit.labeling.records import validate_record
 from pavlit.modules.losses import balance_weights
-from pavlit.steps import StepTokens, outcome_tokens, pad_step_batch
+from pavlit.steps import StepTokens, outcome_tokens, pad_id_of, pad_step_batch
 
 __all__ = ["OutcomeCollator", "OutcomeDataModule", "OutcomeExample", "outcome_tokens"]
 

@@ -31,11 +31,11 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from pavlit.data.loading import pad_id_of
 from pavlit.interfaces import Problem, Task
 from pavlit.jobs.jsonl import json_objects
 from pavlit.jobs.shards import check_job_folder
 from pavlit.modules.checks import check_validation_data
+from pavlit.steps import pad_id_of
 
 __all__ = [
     "IGNORE_INDEX",

@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 import torch
 
-from pavlit.data.loading import pad_id_of
 from pavlit.interfaces import Problem
 from pavlit.modules.sft import pass_at_k
 from pavlit.policy_gradient import (
@@ -26,6 +25,7 @@ from pavlit.policy_gradient import (
     masked_mean,
     response_step_ends,
 )
+from pavlit.steps import pad_id_of
 from pavlit.values import advantages as consecutive_differences
 
 __all__ = [

@@ -12,8 +12,12 @@ import torch
 from torch import nn
 
 from pavlit.jobs.atomic import atomic_write_text
+from pavlit.models.adapters import LoRAArgs, QuantArgs, check_compatible
+from pavlit.models.backbone import as_group
+from pavlit.models.export import export_init_args, load_export_weights, read_export
 from pavlit.models.heads import TokenHead
 from pavlit.models.scoring import decoder_of
+from pavlit.models.verifier import Verifier
 
 __all__ = [
     "accelerator_name",
@@ -134,10 +138,6 @@ def init_verifier_module(
 ) -> None:
     """Build ``module.verifier`` and keep plain-typed settings in ``module.hparams`` (call after
     ``save_hyperparameters``), so that checkpoints load with ``torch.load(weights_only=True)``."""
-    from pavlit.models.adapters import LoRAArgs, QuantArgs
-    from pavlit.models.backbone import as_group
-    from pavlit.models.verifier import Verifier
-
     lora, quant = as_group(lora, LoRAArgs), as_group(quant, QuantArgs)
     module.verifier = Verifier.build(kind, source, head_type, score_token, lora, quant)
     settings = module.verifier.settings
@@ -148,8 +148,6 @@ def init_verifier_module(
 
 def check_setup(module: Any, stage: str) -> None:
     """LoRA / 4-bit settings against the trainer's precision and accelerator."""
-    from pavlit.models.adapters import check_compatible
-
     trainer = module.trainer
     check_compatible(
         module.lora,
@@ -190,8 +188,6 @@ def verifier_state_dict(state: dict[str, torch.Tensor] | None) -> dict[str, torc
 
 def load_verifier_module(cls: type, kind: str, path: Any, overrides: dict[str, Any]) -> Any:
     """A LightningModule of class ``cls`` rebuilt from an exported folder (to train further), in eval mode."""
-    from pavlit.models.export import export_init_args, load_export_weights, read_export
-
     meta = read_export(path, kind)
     module = cls(**{**export_init_args(path, meta), **overrides})
     verifier = module.verifier

@@ -275,7 +275,8 @@ def _run(job: JobSpec, plan: _Plan, out: Path) -> dict[str, Any]:
     if rank != 0:
         return stats
 
-    points = report.summarise(store.records(), n_resamples=bootstrap, seed=job.seed)
+    records = list(store.records())  # read the shards once for every summary below
+    points = report.summarise(records, n_resamples=bootstrap, seed=job.seed)
     baseline, target = _efficiency_lines(methods, plan.efficiency)
     lines = {p.line for p in points}
     eff = report.compute_efficiency(points, baseline, target) if baseline in lines and target in lines else None
@@ -287,8 +288,8 @@ def _run(job: JobSpec, plan: _Plan, out: Path) -> dict[str, Any]:
         "methods": ", ".join(f"`{m.name}` = {m.search!r} + {m.reward!r}" for m in methods),
     }
     report.plot_accuracy_vs_compute(points, out / PLOT_NAME, title=f"{type(task).__name__}: accuracy vs compute")
-    decisions = report.tree_decisions(store.records())
-    paired = paired_differences(store.records(), n_resamples=bootstrap, seed=job.seed)
+    decisions = report.tree_decisions(records)
+    paired = paired_differences(records, n_resamples=bootstrap, seed=job.seed)
     markdown = report.render_markdown(points, eff, header, sweep_summary, PLOT_NAME, decisions, render_paired(paired))
     results = {
         "settings": settings,
