@@ -495,23 +495,26 @@ def render_grid(result: dict) -> str:
         "",
         f"- **policy**: `{s['policy']}`; countdown difficulty {s['task']['difficulty']}, the first {s['problems']} "
         f"{s['split']} problems (the same in every cell), seed {s['seed']}",
-        f"- **beams**: B = {s['budget']}, {s['beam']}; PQV α = 0 vs PAV α = {s['alpha']:g}, Best-of-{s['k']} prover",
+        f"- **beams**: B = {s['budget']}, BeamSearch({', '.join(f'{k}={v!r}' for k, v in s['beam'].items())}); "
+        f"PQV α = 0 vs PAV α = {s['alpha']:g}, Best-of-{s['k']} prover",
         "- **PAV − PQV**: paired accuracy difference with a paired bootstrap 95% CI over problems "
         f"({s['bootstrap']} resamples); **differ**: problems whose final answers differ; **contested**: PAV-beam "
         "selections per problem with more children than free slots (the advantage term could change them); "
-        "**reranked**: those where it did change the kept set",
+        "**reranked**: those where it did change the kept set; **cost**: the PAV beam's policy tokens + reward "
+        "(Monte-Carlo rollout) tokens per problem",
         "",
         "| temperature | value source | PQV acc | PAV acc | PAV − PQV [95% CI] | differ | contested / problem | "
-        "reranked / problem |",
-        "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |",
+        "reranked / problem | cost / problem |",
+        "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in result["cells"]:
+        cost = r["cost_per_problem"][PAV]
         excludes = " **(excludes 0)**" if r["ci_low"] > 0 or r["ci_high"] < 0 else ""
         lines.append(
             f"| {r['temperature']:g} | `{r['value']}` | {r['pqv_accuracy']:.3f} | {r['pav_accuracy']:.3f} | "
             f"{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]{excludes} | "
             f"{r['different_answers']}/{r['problems']} | {r['contested_per_problem']:.2f} | "
-            f"{r['reranked_per_problem']:.2f} |"
+            f"{r['reranked_per_problem']:.2f} | {cost['tokens']:,.0f} + {cost['reward_tokens']:,.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -524,9 +527,12 @@ def plot_grid(result: dict, path: Path) -> None:
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     top.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+    temperatures, n_values = result["temperatures"], len(result["values"])
+    # Sources side by side at each temperature, so their intervals do not hide each other.
+    dodge = 0.012 * ((max(temperatures) - min(temperatures)) or 1.0)
     for i, value in enumerate(result["values"]):
         cells = sorted((c for c in result["cells"] if c["value"] == value), key=lambda c: c["temperature"])
-        x = [c["temperature"] for c in cells]
+        x = [c["temperature"] + dodge * (i - (n_values - 1) / 2) for c in cells]
         diff = [c["difference"] for c in cells]
         yerr = [[d - c["ci_low"] for d, c in zip(diff, cells)], [c["ci_high"] - d for d, c in zip(diff, cells)]]
         color = f"C{i}"
@@ -539,6 +545,10 @@ def plot_grid(result: dict, path: Path) -> None:
     top.legend(fontsize=8)
     bottom.set_xlabel("sampling temperature")
     bottom.set_ylabel("selections / problem")
+    bottom.set_ylim(bottom=0)
+    bottom.set_xticks(temperatures)
+    if len(temperatures) == 1:
+        bottom.set_xlim(temperatures[0] - 0.25, temperatures[0] + 0.25)
     bottom.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
