@@ -21,8 +21,8 @@ Three sub-commands, each printing one table and optionally writing JSON:
     When do advantages help? For every (sampling temperature) × (value source) cell, a ``pavlit search`` job on
     the same *validation* problems (never test) runs a PQV beam (α = 0) and a PAV beam (α > 0, Best-of-K prover)
     and reports the paired accuracy difference PAV − PQV with its paired bootstrap 95% CI
-    (:func:`pavlit.search.paired.paired_differences`), the problems whose final answer differs, and the PAV
-    beam's contested / reranked selections per problem (:func:`pavlit.search.report.tree_decisions`: selections
+    (:func:`pavlit.search.paired.paired_differences`), the problems whose response differs, and the PAV beam's
+    contested / reranked selections per problem (:func:`pavlit.search.report.tree_decisions`: selections
     the advantage term could change / did change). Value sources: ``mc:N``, the Monte-Carlo oracle with ``N``
     rollouts per prefix (``MCReward``; rollouts at the cell's temperature, so it values the policy being
     searched), and ``pav:PATH``, a trained PAV verifier folder (``PQVReward`` vs ``PAVReward``). Each cell is its
@@ -498,7 +498,8 @@ def render_grid(result: dict) -> str:
         f"- **beams**: B = {s['budget']}, BeamSearch({', '.join(f'{k}={v!r}' for k, v in s['beam'].items())}); "
         f"PQV α = 0 vs PAV α = {s['alpha']:g}, Best-of-{s['k']} prover",
         "- **PAV − PQV**: paired accuracy difference with a paired bootstrap 95% CI over problems "
-        f"({s['bootstrap']} resamples); **differ**: problems whose final answers differ; **contested**: PAV-beam "
+        f"({s['bootstrap']} resamples); **differ**: problems whose responses differ (on countdown every response "
+        "states the target, so final answers, in grid.json, rarely tell methods apart); **contested**: PAV-beam "
         "selections per problem with more children than free slots (the advantage term could change them); "
         "**reranked**: those where it did change the kept set; **cost**: the PAV beam's policy tokens + reward "
         "(Monte-Carlo rollout) tokens per problem",
@@ -513,7 +514,7 @@ def render_grid(result: dict) -> str:
         lines.append(
             f"| {r['temperature']:g} | `{r['value']}` | {r['pqv_accuracy']:.3f} | {r['pav_accuracy']:.3f} | "
             f"{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]{excludes} | "
-            f"{r['different_answers']}/{r['problems']} | {r['contested_per_problem']:.2f} | "
+            f"{r['different_responses']}/{r['problems']} | {r['contested_per_problem']:.2f} | "
             f"{r['reranked_per_problem']:.2f} | {cost['tokens']:,.0f} + {cost['reward_tokens']:,.0f} |"
         )
     return "\n".join(lines) + "\n"
