@@ -154,6 +154,20 @@ def test_summarise_cell_hand_computed(regime_map):
         regime_map.summarise_cell(records[:-1], budget=4, bootstrap=200, seed=0)
 
 
+def test_grid_table_counts_different_responses_not_answers(regime_map):
+    # Countdown: every response ends on the target, so answers agree even where the beams' responses (and
+    # correctness) differ; the table's "differ" column must count responses.
+    records = [_record("pqv_beam", p, c, "24", 2, 0) for p, c in (("a", True), ("b", False))]
+    records += [_record("pav_beam", p, c, "24", 2, 1) for p, c in (("a", True), ("b", True))]
+    records[-1]["response"] = "8*3=24 (left: 24)\nAnswer: 24"
+    cell = regime_map.summarise_cell(records, budget=4, bootstrap=50, seed=0)
+    assert cell["different_answers"] == 0 and cell["different_responses"] == 1
+    settings = {"policy": "p", "task": {"difficulty": 1}, "problems": 2, "split": "validation", "seed": 0,
+                "budget": 4, "beam": {"children": 3}, "alpha": 0.5, "k": 4, "bootstrap": 50}  # fmt: skip
+    markdown = regime_map.render_grid({"settings": settings, "cells": [{"temperature": 1.0, "value": "mc:4"} | cell]})
+    assert "| 1/2 |" in markdown and "| 0/2 |" not in markdown
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
