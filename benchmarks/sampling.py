@@ -5,7 +5,11 @@ Workload (the labelling pattern): P prefixes x n Monte-Carlo completions x up to
 * ``generate/prefix`` - the obvious baseline: ``model.generate(num_return_sequences=n, do_sample=True)`` one
   prefix at a time;
 * ``generate/batched`` - for reference, one ``generate`` call over all prefixes (left-padded);
-* ``pavlit/complete`` - ``Sampler.complete(prefixes, n)`` (prefix shared, batched, preallocated cache);
+* ``pavlit/complete`` - ``Sampler.complete(prefixes, n)`` (prefix shared, batched, preallocated cache), with
+  ``Sampler(threads=...)`` set to the benchmark's thread count (``--sampler-threads``): batches decoded
+  concurrently, one thread each;
+* ``pavlit/one-thread`` - the same with ``threads=1`` (one batch, the intra-op threads inside each op), shown
+  when the benchmark has more than one thread;
 * ``pavlit/unshared`` - the same without prefix sharing (each sample prefills its own prompt);
 * ``pavlit/hf-forward`` - the same through the model's Hugging Face forward instead of pavlit's grouped
   plain-torch decoder (Llama-architecture models only; shows what the decoder adds);
@@ -141,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sampler-threads",
+        type=int,
+        default=None,
+        help="Sampler(threads=...) for pavlit's rows: batches decoded concurrently (default: torch's thread count)",
+    )
     parser.add_argument("--skip-extras", action="store_true", help="only the baseline and pavlit/complete")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument(
@@ -177,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
     prompts = make_prompts(args.prefixes)
     n, max_new = args.n, args.max_new_tokens
-    sampler = Sampler(model, tokenizer, max_new_tokens=max_new, seed=args.seed)
+    sampler_threads = args.sampler_threads or torch.get_num_threads()
+    sampler = Sampler(model, tokenizer, max_new_tokens=max_new, seed=args.seed, threads=sampler_threads)
     eos_ids = sampler.eos_ids
     pad_id = sampler.pad_id
     encoded = [tokenizer(prompt, return_tensors="pt") for prompt in prompts]
@@ -222,14 +233,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         return new_token_count(sequences, batch["input_ids"].shape[1], eos_ids)
 
-    unshared = Sampler(model, tokenizer, max_new_tokens=max_new, seed=args.seed, share_prefix=False)
-    hf_forward = Sampler(model, tokenizer, max_new_tokens=max_new, seed=args.seed, fast_decode=False)
+    options = {"max_new_tokens": max_new, "seed": args.seed, "threads": sampler_threads}
+    unshared = Sampler(model, tokenizer, share_prefix=False, **options)
+    hf_forward = Sampler(model, tokenizer, fast_decode=False, **options)
+    one_thread = Sampler(model, tokenizer, **{**options, "threads": 1})
     runs: dict[str, Callable[[], int]] = {
         "generate/prefix": generate_per_prefix,
         "pavlit/complete": lambda: sampler.complete(prompts, n=n).generated_tokens,
     }
     if not args.skip_extras:
         runs["generate/batched"] = generate_batched
+        if sampler_threads > 1:
+            runs["pavlit/one-thread"] = lambda: one_thread.complete(prompts, n=n).generated_tokens
         runs["pavlit/unshared"] = lambda: unshared.complete(prompts, n=n).generated_tokens
         if sampler._fast_decode:
             runs["pavlit/hf-forward"] = lambda: hf_forward.complete(prompts, n=n).generated_tokens
@@ -246,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = str(model.dtype).removeprefix("torch.")
     print(
         f"model={args.model} params={params / 1e6:.2f}M dtype={dtype} threads={torch.get_num_threads()} "
-        f"workload={args.prefixes} prefixes x {n} samples x <= {max_new} tokens (best of {args.repeats})"
+        f"sampler threads={sampler_threads} workload={args.prefixes} prefixes x {n} samples x <= {max_new} tokens "
+        f"(best of {args.repeats})"
     )
     print(machine_line())
     print(f"{'method':<18} {'tokens':>7} {'seconds':>8} {'tok/s':>9} {'median':>9} {'vs baseline':>11}")

@@ -55,11 +55,16 @@ class PavlitBackend(SamplerBackend):
     Args:
         share_prefix: Prefill each prompt once for all its samples.
         fast_decode: Grouped decoder for Llama-architecture models (``None``: whenever supported).
+        threads: Batches decoded concurrently, one thread each (``Sampler(threads=...)``); on a CPU, the cores
+            one job has (e.g. ``2`` on 2 cores with one process). Part of the seeding, like ``max_batch``.
     """
 
-    def __init__(self, share_prefix: bool = True, fast_decode: bool | None = None) -> None:
+    def __init__(self, share_prefix: bool = True, fast_decode: bool | None = None, threads: int = 1) -> None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"PavlitBackend.threads must be an integer >= 1, got {threads!r}")
         self.share_prefix = share_prefix
         self.fast_decode = fast_decode
+        self.threads = threads
 
     def build(self, policy: ModelSource | Policy, settings: SamplingSettings, device: torch.device | str) -> Any:
         from pavlit.policy.sampler import Sampler
@@ -71,6 +76,7 @@ class PavlitBackend(SamplerBackend):
             share_prefix=self.share_prefix,
             device=device,
             fast_decode=self.fast_decode,
+            threads=self.threads,
             **asdict(settings),
         )
 
@@ -184,8 +190,14 @@ def backend_fingerprint(backend: SamplerBackend | None) -> dict[str, Any]:
     """
     if backend is None:
         return {}
-    description = {"class": f"{type(backend).__module__}.{type(backend).__qualname__}", **vars(backend)}
-    default = PavlitBackend()
-    if description == {"class": f"{type(default).__module__}.{type(default).__qualname__}", **vars(default)}:
+    description = _description(backend)
+    if description == _description(PavlitBackend()):
         return {}
     return {"backend": description}
+
+
+def _description(backend: SamplerBackend) -> dict[str, Any]:
+    description = {"class": f"{type(backend).__module__}.{type(backend).__qualname__}", **vars(backend)}
+    if isinstance(backend, PavlitBackend) and backend.threads == 1:
+        del description["threads"]  # one thread samples as before the setting existed: old runs still resume
+    return description

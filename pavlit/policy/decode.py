@@ -46,8 +46,14 @@ class Job:
     count: int
 
 
-def plan(encoded: list[list[int]], n: int, max_batch: int) -> list[list[Job]]:
-    """Pack (prompt, samples) jobs into batches of at most ``max_batch`` rows, similar lengths together."""
+def plan(encoded: list[list[int]], n: int, max_batch: int, parts: int = 1) -> list[list[Job]]:
+    """Pack (prompt, samples) jobs into batches of at most ``max_batch`` rows, similar lengths together.
+
+    With ``parts > 1`` (batches decoded concurrently), batches hold at most ``ceil(rows / parts)`` rows, so there
+    are at least ``parts`` of them when there are that many rows.
+    """
+    if parts > 1:
+        max_batch = min(max_batch, -(-len(encoded) * n // parts))
     jobs: list[Job] = []
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     for i in order:
@@ -220,13 +226,19 @@ def step(sampler: Sampler, batch: Batch, tokens: torch.Tensor, t: int) -> None:
 
 @torch.inference_mode()
 def decode_batch(
-    sampler: Sampler, prompts: list[list[int]], counts: list[int], request: Request
+    sampler: Sampler,
+    prompts: list[list[int]],
+    counts: list[int],
+    request: Request,
+    generator: torch.Generator | None = None,
 ) -> tuple[list[list[int]], list[str], list[list[float]] | None, int]:
-    """Decode ``counts[k]`` samples of ``prompts[k]`` together.
+    """Decode ``counts[k]`` samples of ``prompts[k]`` together, every draw from ``generator`` (default: the
+    sampler's).
 
     Returns per-row token ids, stop reasons and log-probs (or ``None``), and the prompt tokens prefilled.
     """
     device, max_new_tokens = sampler.device, request.max_new_tokens
+    generator = sampler.generator if generator is None else generator
     counts_t = torch.tensor(counts, device=device)
     if not sampler.share_prefix:
         # Unshared: every sample prefills its own copy of the prompt.
@@ -249,7 +261,7 @@ def decode_batch(
     rows = Rows(**vars(out))
     compacted = False
     for t in range(max_new_tokens):
-        tokens = sample_tokens(batch.logits, request.temperature, request.top_p, sampler.generator)
+        tokens = sample_tokens(batch.logits, request.temperature, request.top_p, generator)
         rows.tokens[:, t] = tokens
         if rows.logprobs is not None:
             rows.logprobs[:, t] = token_logprobs(batch.logits, tokens)

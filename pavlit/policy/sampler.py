@@ -11,7 +11,10 @@
 * **lean**: a preallocated KV cache (no per-token concatenation), no mask at all when nothing is padded,
   finished rows dropped from the batch, sampling by inverting the cumulative distribution (one random
   number per row, no sort unless top-p < 1);
-* **reproducible**: every draw comes from the sampler's seeded ``torch.Generator``.
+* **reproducible**: every draw comes from the sampler's seeded ``torch.Generator``;
+* **multi-core**: with ``threads > 1`` the call's rows are split into that many batches, decoded concurrently
+  (one thread each, the intra-op threads shared out), each batch drawing from its own generator seeded from the
+  sampler's, so the samples depend on the seed and ``threads`` but not on how the threads are scheduled.
 
 The parts live next to it: the call front and records in :mod:`pavlit.policy.records`, the sampling maths in
 :mod:`pavlit.policy.sampling`, the decode loop in :mod:`pavlit.policy.decode` (with :mod:`~pavlit.policy.kv_cache`
@@ -21,7 +24,9 @@ names are importable from here as before.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -80,6 +85,11 @@ class Sampler(SamplerCalls):
         fast_decode: Decode with :class:`~pavlit.policy.fast_decode.GroupedDecoder` (plain-torch layers, one
             KV copy per prompt shared by its samples) instead of the model's Hugging Face forward. ``None``
             (default): whenever the model's architecture is supported; ``False``: never.
+        threads: Batches decoded at once, each in its own thread, the call's intra-op threads shared out among
+            them (``torch.get_num_threads() // threads`` each, restored after the call). A small model's decode
+            step is too small for intra-op parallelism to help, so on a CPU with ``c`` cores ``threads=c`` is the
+            fast setting (see the README's sampler table); a call's rows are then split into at least
+            ``threads`` batches. Part of the seeding: another value gives other (equally distributed) samples.
 
     Attributes:
         compact_fraction: Finished rows are dropped from the decoding batch (a copy of its KV cache) once they
@@ -99,13 +109,17 @@ class Sampler(SamplerCalls):
         share_prefix: bool = True,
         device: str | torch.device | None = None,
         fast_decode: bool | None = None,
+        threads: int = 1,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self._set_defaults(temperature, top_p, max_new_tokens, delimiter)
         self.max_batch = max_batch
+        self.threads = threads
         self.share_prefix = share_prefix
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.generator = torch.Generator(device=self.device)
@@ -134,6 +148,8 @@ class Sampler(SamplerCalls):
         self._decode_weights: DecodeWeights | None = None  # built at the first grouped decode, then reused
         self._token_texts: list[str] | None = None
         self._delimiter_tables: dict[str, tuple[torch.Tensor, bool]] = {}
+        self._concurrent = True  # threads > 1 decodes its batches in threads (False: in order, same samples)
+        self._lock = threading.Lock()  # lazily built state and the tokenizer, when batches decode in threads
 
     # ------------------------------------------------------------------------------------------- internals
 
@@ -157,6 +173,13 @@ class Sampler(SamplerCalls):
         tokens; then the table flags tokens containing its last character (the token that completes an
         occurrence must contain it) and the sampler confirms on the decoded text of just those rows.
         """
+        table = self._delimiter_tables.get(delimiter)
+        if table is None:
+            with self._lock:
+                table = self._build_delimiter_table(delimiter)
+        return table
+
+    def _build_delimiter_table(self, delimiter: str) -> tuple[torch.Tensor, bool]:
         if delimiter not in self._delimiter_tables:
             if not delimiter:
                 raise ValueError("the step delimiter must be a non-empty string")
@@ -191,10 +214,10 @@ class Sampler(SamplerCalls):
         logprobs: list[list[list[float]]] = [[[] for _ in range(n)] for _ in prompts]
         prompt_tokens = 0
         sample_cursor = [0] * len(prompts)
-        for batch in plan(encoded, n, self.max_batch):
-            rows_ids, rows_reasons, rows_logprobs, batch_prompt_tokens = decode_batch(
-                self, [encoded[job.prompt_index] for job in batch], [job.count for job in batch], request
-            )
+        batches = plan(encoded, n, self.max_batch, parts=self.threads)
+        for batch, (rows_ids, rows_reasons, rows_logprobs, batch_prompt_tokens) in zip(
+            batches, self._decode_all(encoded, batches, request)
+        ):
             prompt_tokens += batch_prompt_tokens
             row = 0
             for job in batch:
@@ -224,6 +247,34 @@ class Sampler(SamplerCalls):
             texts, finished, reasons, token_ids, generated, prompt_tokens, logprobs if request.return_logprobs else None
         )
 
+    def _decode_all(self, encoded: list[list[int]], batches: list, request: Request) -> list:
+        """:func:`decode_batch` of every batch: in order from the sampler's generator with ``threads=1``;
+        otherwise concurrently, each batch from its own generator seeded (in batch order) from the sampler's."""
+
+        def decode(batch: list, generator: torch.Generator) -> tuple:
+            prompts = [encoded[job.prompt_index] for job in batch]
+            return decode_batch(self, prompts, [job.count for job in batch], request, generator)
+
+        if self.threads == 1:
+            return [decode(batch, self.generator) for batch in batches]
+        seeds = torch.randint(0, 2**62, (len(batches),), generator=self.generator, device=self.device).tolist()
+        generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+        if self._fast_decode:
+            with self._lock:  # build (or rebuild after a weight update) once, before the threads read it
+                self._decode_weights = (self._decode_weights or DecodeWeights(self.model)).current()
+        if request.max_steps:
+            self._delimiter_table(request.delimiter)
+        if not self._concurrent:  # the same batches and generators, one after another (tests compare the two)
+            return [decode(batch, generator) for batch, generator in zip(batches, generators)]
+        workers = min(self.threads, len(batches))
+        intra_op = torch.get_num_threads()
+        torch.set_num_threads(max(1, intra_op // workers))
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pavlit-decode") as pool:
+                return list(pool.map(decode, batches, generators))
+        finally:
+            torch.set_num_threads(intra_op)
+
     def _confirm_delimiter(
         self,
         candidates: torch.Tensor,
@@ -235,7 +286,8 @@ class Sampler(SamplerCalls):
         """For a multi-character delimiter: which candidate rows' decoded text now holds ``target`` delimiters."""
         hit = torch.zeros_like(candidates)
         for row in candidates.nonzero().squeeze(-1).tolist():
-            text = self.tokenizer.decode(generated[row, : int(gen_lengths[row])].tolist(), skip_special_tokens=True)
+            with self._lock:  # fast tokenizers refuse concurrent use ("Already borrowed")
+                text = self.tokenizer.decode(generated[row, : int(gen_lengths[row])].tolist(), skip_special_tokens=True)
             if text.count(delimiter) >= target:
                 hit[row] = True
         return hit
