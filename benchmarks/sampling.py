@@ -10,6 +10,7 @@ Workload (the labelling pattern): P prefixes x n Monte-Carlo completions x up to
   concurrently, one thread each;
 * ``pavlit/one-thread`` - the same with ``threads=1`` (one batch, the intra-op threads inside each op), shown
   when the benchmark has more than one thread;
+* ``pavlit/plain-torch`` - the grouped decoder without its compiled layer step (``Sampler(native=False)``);
 * ``pavlit/unshared`` - the same without prefix sharing (each sample prefills its own prompt);
 * ``pavlit/hf-forward`` - the same through the model's Hugging Face forward instead of pavlit's grouped
   plain-torch decoder (Llama-architecture models only; shows what the decoder adds);
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     unshared = Sampler(model, tokenizer, share_prefix=False, **options)
     hf_forward = Sampler(model, tokenizer, fast_decode=False, **options)
     one_thread = Sampler(model, tokenizer, **{**options, "threads": 1})
+    plain_torch = Sampler(model, tokenizer, native=False, **options)
     runs: dict[str, Callable[[], int]] = {
         "generate/prefix": generate_per_prefix,
         "pavlit/complete": lambda: sampler.complete(prompts, n=n).generated_tokens,
@@ -247,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             runs["pavlit/one-thread"] = lambda: one_thread.complete(prompts, n=n).generated_tokens
         runs["pavlit/unshared"] = lambda: unshared.complete(prompts, n=n).generated_tokens
         if sampler._fast_decode:
+            runs["pavlit/plain-torch"] = lambda: plain_torch.complete(prompts, n=n).generated_tokens
             runs["pavlit/hf-forward"] = lambda: hf_forward.complete(prompts, n=n).generated_tokens
         runs["pavlit/next_step"] = lambda: sampler.next_step(prompts, n=n).generated_tokens
 
@@ -265,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         f"(best of {args.repeats})"
     )
     print(machine_line())
+    from pavlit.policy import native
+
+    module = native.load()
+    print(f"native step: on ({module.__name__})" if module else f"native step: off ({native.unavailable_reason()})")
     print(f"{'method':<18} {'tokens':>7} {'seconds':>8} {'tok/s':>9} {'median':>9} {'vs baseline':>11}")
     for name, result in results.items():
         print(

@@ -149,6 +149,7 @@ def expand(sampler: Sampler, batch: Batch, max_new_tokens: int) -> None:
             batch.mask2d[:, : batch.width] if batch.padded else None,
             batch.counts,
             max_new_tokens,
+            native=sampler.native,
         )
         batch.cache = None  # the decoder holds the prompts' KV now
     elif n_prompts != rows:

@@ -77,15 +77,28 @@ def _projection(module: nn.Module) -> Any:
     return module
 
 
-def _fused(modules: tuple[nn.Module, ...], scales: tuple[float, ...]) -> Any:
-    """One linear map computing ``cat([scale * m(x) for m in modules], -1)`` (plain linears) or ``None``."""
+def _fused(modules: tuple[nn.Module, ...], scales: tuple[float, ...]) -> tuple[Any, torch.Tensor | None]:
+    """One linear map computing ``cat([scale * m(x) for m in modules], -1)`` and its weight when the modules are
+    bias-free (plain linears), or ``(None, None)``."""
     if not _plain(*modules):
-        return None
+        return None, None
     weight = torch.cat([m.weight.detach() * s if s != 1.0 else m.weight.detach() for m, s in zip(modules, scales)])
     bias = None
     if modules[0].bias is not None:
         bias = torch.cat([m.bias.detach() * s if s != 1.0 else m.bias.detach() for m, s in zip(modules, scales)])
-    return lambda x: F.linear(x, weight, bias)
+    return (lambda x: F.linear(x, weight, bias)), (weight if bias is None else None)
+
+
+def _rms_norm_weight(module: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """A float32 ``LlamaRMSNorm``'s weight and epsilon (what the native step computes), else ``None``."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if type(module).__name__ == "LlamaRMSNorm" and weight is not None and weight.dtype == torch.float32:
+        return weight.detach(), float(eps)
+    return None
+
+
+def _bias_free_weight(module: nn.Module) -> torch.Tensor | None:
+    return module.weight.detach() if type(module) is nn.Linear and module.bias is None else None
 
 
 def _residual(module: nn.Module) -> Any:
@@ -124,19 +137,34 @@ class _Layer:
         # Folding the scale into W_q is exact for a power of two; in float32 it moves results by an ulp or so.
         exact = math.frexp(scaling)[0] == 0.5
         fold = exact or dtype == torch.float32
-        self.qkv = _fused((attention.q_proj, attention.k_proj, attention.v_proj), (scaling if fold else 1.0, 1.0, 1.0))
+        self.qkv, qkv_weight = _fused(
+            (attention.q_proj, attention.k_proj, attention.v_proj), (scaling if fold else 1.0, 1.0, 1.0)
+        )
         self.q_scale = 1.0 if self.qkv is not None and fold else scaling
         if self.qkv is None:
             q, k, v = (_projection(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj))
             self.qkv = lambda x: torch.cat((q(x), k(x), v(x)), dim=-1)
         self.o = _residual(attention.o_proj)
-        self.gate_up = _fused((mlp.gate_proj, mlp.up_proj), (1.0, 1.0))
+        self.gate_up, gate_up_weight = _fused((mlp.gate_proj, mlp.up_proj), (1.0, 1.0))
         if self.gate_up is None:
             gate, up = _projection(mlp.gate_proj), _projection(mlp.up_proj)
             self.gate_up = lambda x: torch.cat((gate(x), up(x)), dim=-1)
         self.intermediate = mlp.gate_proj.out_features
         self.act = _activation(mlp.act_fn)
         self.down = _residual(mlp.down_proj)
+        # What the native step (pavlit.policy.native) takes, when this layer is what it computes: float32
+        # RMSNorms, bias-free plain projections with the attention scale folded into W_q, SiLU.
+        norms = (_rms_norm_weight(layer.input_layernorm), _rms_norm_weight(layer.post_attention_layernorm))
+        weights = (qkv_weight, _bias_free_weight(attention.o_proj), gate_up_weight, _bias_free_weight(mlp.down_proj))
+        self.native: tuple[list[torch.Tensor], float] | None = None
+        if (
+            None not in norms
+            and all(w is not None and w.dtype == torch.float32 and w.device.type == "cpu" for w in weights)
+            and self.q_scale == 1.0
+            and self.act is F.silu
+            and norms[0][1] == norms[1][1]
+        ):
+            self.native = ([norms[0][0], norms[1][0], *weights], norms[0][1])
 
 
 _UNTRACKED = itertools.count()
@@ -179,6 +207,21 @@ class DecodeWeights:
         self.final_norm = _norm(backbone.norm)
         self.lm_head = _projection(inner.lm_head)
         self.heads, self.kv_heads = heads, kv_heads
+        # The native step's flat weight list (6 per layer) and epsilon, when every layer qualifies.
+        # Then the embedding, final norm and output layer too: [embedding, final norm, output layer] + 6 per layer.
+        self.native_weights: list[torch.Tensor] | None = None
+        self.native_eps = 0.0
+        final = _rms_norm_weight(backbone.norm)
+        ends = (embed.weight.detach() if type(embed) is nn.Embedding else None, _bias_free_weight(inner.lm_head))
+        epsilons = {layer.native[1] for layer in self.layers if layer.native is not None}
+        if (
+            all(layer.native is not None for layer in self.layers)
+            and final is not None
+            and all(w is not None and w.dtype == torch.float32 and w.device.type == "cpu" for w in ends)
+            and epsilons == {final[1]}
+        ):
+            self.native_weights = [ends[0], final[0], ends[1]] + [w for layer in self.layers for w in layer.native[0]]
+            self.native_eps = final[1]
         self._key = self._fingerprint()
 
     def current(self) -> DecodeWeights:
@@ -201,6 +244,8 @@ class GroupedDecoder:
         prefix_mask: ``[G, width]``, 1 for real prompt tokens, 0 for left padding; ``None`` when nothing is padded.
         counts: ``[G]`` samples per prompt.
         capacity: Most tokens any row will generate.
+        native: Run the layers through the compiled step (:mod:`pavlit.policy.native`) when the model, dtype
+            and machine allow; ``False``: always the plain-torch layers.
     """
 
     def __init__(
@@ -211,6 +256,7 @@ class GroupedDecoder:
         prefix_mask: torch.Tensor | None,
         counts: torch.Tensor,
         capacity: int,
+        native: bool = True,
     ) -> None:
         self.w = weights
         first = prefix_keys[0]
@@ -247,6 +293,13 @@ class GroupedDecoder:
         self.suffix_keys = [first.new_empty(shape) for _ in weights.layers]
         self.suffix_values = [first.new_empty(shape) for _ in weights.layers]
         self.length = 0
+        # The layers as one compiled call per token where the model and machine allow (pavlit.policy.native).
+        self.native = None
+        eligible = weights.native_weights is not None and self.rope_table is not None
+        if native and eligible and self.device.type == "cpu":
+            from pavlit.policy import native
+
+            self.native = native.load() if self.dtype == torch.float32 else None
 
     @staticmethod
     def _fold_sign(sin: torch.Tensor) -> torch.Tensor:
@@ -352,9 +405,34 @@ class GroupedDecoder:
         out = torch.baddbmm(out.reshape(cells, rep, d), probs[..., width:], own_values)
         return out.view(groups, kv, slots, rep, d).permute(0, 2, 1, 3, 4).reshape(rows, kv * rep * d)
 
+    def _native_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The whole step (embedding to logits of the real rows) in one call of the compiled step."""
+        t = self.length
+        self.length = t + 1
+        return self.native.decode_step(
+            tokens.view(-1),
+            self.row_slot if self.holes else None,
+            self.rope_table,
+            self.base + t,
+            self.w.native_weights,
+            self.prefix_keys_t,
+            self.prefix_values,
+            self.bias,
+            self.suffix_keys,
+            self.suffix_values,
+            t,
+            self.groups,
+            self.slots,
+            self.w.heads,
+            self.kv,
+            self.w.native_eps,
+        )
+
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per real row; return ``[rows, vocab]`` logits for the real rows."""
+        if self.native is not None:
+            return self._native_step(tokens)
         w, groups, slots = self.w, self.groups, self.slots
         rows = groups * slots
         if self.holes:

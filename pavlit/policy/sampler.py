@@ -90,6 +90,9 @@ class Sampler(SamplerCalls):
             step is too small for intra-op parallelism to help, so on a CPU with ``c`` cores ``threads=c`` is the
             fast setting (see the README's sampler table); a call's rows are then split into at least
             ``threads`` batches. Part of the seeding: another value gives other (equally distributed) samples.
+        native: Let the grouped decoder run its layers as one compiled call per token
+            (:mod:`pavlit.policy.native`: float32 on CPU, built once with the machine's C++ compiler; same
+            tokens, log-probs to float32 rounding). ``False``, or ``PAVLIT_NATIVE=0``: plain torch only.
 
     Attributes:
         compact_fraction: Finished rows are dropped from the decoding batch (a copy of its KV cache) once they
@@ -110,6 +113,7 @@ class Sampler(SamplerCalls):
         device: str | torch.device | None = None,
         fast_decode: bool | None = None,
         threads: int = 1,
+        native: bool = True,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -120,6 +124,7 @@ class Sampler(SamplerCalls):
         self._set_defaults(temperature, top_p, max_new_tokens, delimiter)
         self.max_batch = max_batch
         self.threads = threads
+        self.native = native
         self.share_prefix = share_prefix
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.generator = torch.Generator(device=self.device)

@@ -1,0 +1,260 @@
+// One decode step of a Llama-architecture model's layers for pavlit's grouped decoder (float32, CPU).
+//
+// pavlit/policy/fast_decode.py does the same arithmetic in about forty tensor operations per layer; on a small
+// model each of them costs more in Python and dispatch than in arithmetic. Here the matrix products stay ATen
+// calls (the same BLAS), and everything between them - RMSNorm, RoPE with the KV-cache write, the suffix part
+// of attention with the joint softmax, SiLU-and-multiply - is one loop each, without Python and without the GIL.
+//
+// Layouts are the grouped decoder's: rows are [group, slot]; a group's queries for kv head h are rows
+// (slot, rep) of one [S*rep, d] block, scored against its prompt's prefix keys in one batched product; each
+// row's own generated keys and values live in [G, kv, S, capacity, d] caches.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * b[i + k];
+  }
+  float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// exp(x) in place, for float32 x (-inf gives 0): Cephes' range reduction and degree-6 polynomial, about one
+// ulp from std::exp, written branch-free so the compiler vectorizes it (std::exp is a scalar call per value,
+// and the softmax and SiLU take one per score and per MLP unit).
+inline void exp_inplace(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    float c = v < -87.0f ? -87.0f : v;
+    c = c > 88.0f ? 88.0f : c;
+    const float k = __builtin_floorf(c * 1.44269504088896341f + 0.5f);
+    const float r = (c - k * 0.693359375f) + k * 2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    x[i] = v < -87.0f ? 0.0f : y * scale;
+  }
+}
+
+// weight * (x * rsqrt(mean(x^2) + eps)), row by row (LlamaRMSNorm's order of operations).
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  RECORD_FUNCTION("pavlit::rms_norm", std::vector<c10::IValue>());
+  const int64_t rows = x.size(0), width = x.size(1);
+  auto out = torch::empty_like(x);
+  const float* in = x.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = in + r * width;
+      const float scale = 1.f / std::sqrt(dot(row, row, width) / static_cast<float>(width) + static_cast<float>(eps));
+      float* dst = o + r * width;
+      for (int64_t i = 0; i < width; ++i) dst[i] = w[i] * (row[i] * scale);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+// hidden [G*S, hidden] (updated and returned); rope [G, 2, d] (cos, sign-folded sin at each group's position);
+// per layer: weights (6 each: input norm, post-attention norm, fused qkv [N, hidden], o [hidden, H*d],
+// fused gate-up [2I, hidden], down [hidden, I]), prefix keys^T [G*kv, d, W], prefix values [G*kv, W, d],
+// suffix keys and values [G, kv, S, capacity, d]; bias [G*kv, 1, W] (additive padding mask) or undefined.
+torch::Tensor layers_step(torch::Tensor hidden, torch::Tensor rope, const std::vector<torch::Tensor>& weights,
+                          const std::vector<torch::Tensor>& prefix_keys_t,
+                          const std::vector<torch::Tensor>& prefix_values, const c10::optional<torch::Tensor>& bias,
+                          const std::vector<torch::Tensor>& suffix_keys,
+                          const std::vector<torch::Tensor>& suffix_values, int64_t t, int64_t groups, int64_t slots,
+                          int64_t heads, int64_t kv, double eps) {
+  const int64_t layers = static_cast<int64_t>(suffix_keys.size());
+  const int64_t d = suffix_keys[0].size(4), capacity = suffix_keys[0].size(3);
+  const int64_t rep = heads / kv, half = d / 2, rows = groups * slots;
+  const int64_t width = prefix_values[0].size(1), own = t + 1;  // prefix keys; the row's own tokens so far
+  const int64_t qkv_width = (heads + 2 * kv) * d;
+  const bool has_bias = bias.has_value() && bias->defined();
+  const float* rope_p = rope.data_ptr<float>();
+
+  for (int64_t layer = 0; layer < layers; ++layer) {
+    const auto& in_norm = weights[6 * layer];
+    const auto& post_norm = weights[6 * layer + 1];
+    const auto& qkv_w = weights[6 * layer + 2];
+    const auto& o_w = weights[6 * layer + 3];
+    const auto& gate_up_w = weights[6 * layer + 4];
+    const auto& down_w = weights[6 * layer + 5];
+
+    auto qkv = at::linear(rms_norm(hidden, in_norm, eps), qkv_w);  // [rows, (H + 2kv) d]
+    auto queries = torch::empty({groups * kv, slots * rep, d}, hidden.options());
+    float* q_p = queries.data_ptr<float>();
+    const float* qkv_p = qkv.data_ptr<float>();
+    float* keys_p = suffix_keys[layer].data_ptr<float>();
+    float* values_p = suffix_values[layer].data_ptr<float>();
+
+    // RoPE on q and k; q into the grouped query blocks, k and v into each row's cache slot t.
+    {
+    RECORD_FUNCTION("pavlit::rope_and_cache", std::vector<c10::IValue>());
+    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t g = row / slots, s = row % slots;
+        const float* cos = rope_p + g * 2 * d;
+        const float* sin = cos + d;
+        const float* src = qkv_p + row * qkv_width;
+        for (int64_t h = 0; h < heads + kv; ++h) {
+          const float* x = src + h * d;
+          float* dst;
+          if (h < heads) {
+            const int64_t kvh = h / rep, r = h % rep;
+            dst = q_p + ((g * kv + kvh) * slots * rep + s * rep + r) * d;
+          } else {
+            dst = keys_p + (((g * kv + (h - heads)) * slots + s) * capacity + t) * d;
+          }
+          for (int64_t i = 0; i < half; ++i) dst[i] = x[i] * cos[i] + x[i + half] * sin[i];
+          for (int64_t i = half; i < d; ++i) dst[i] = x[i] * cos[i] + x[i - half] * sin[i];
+        }
+        for (int64_t h = 0; h < kv; ++h) {
+          const float* x = src + (heads + kv + h) * d;
+          float* dst = values_p + (((g * kv + h) * slots + s) * capacity + t) * d;
+          for (int64_t i = 0; i < d; ++i) dst[i] = x[i];
+        }
+      }
+    });
+    }
+
+    // Prefix scores for every query of a group in one product, then the joint softmax with the own tokens.
+    auto scores = has_bias ? at::baddbmm(*bias, queries, prefix_keys_t[layer]) : at::bmm(queries, prefix_keys_t[layer]);
+    auto own_probs = torch::empty({groups * kv * slots * rep, own}, hidden.options());
+    float* scores_p = scores.data_ptr<float>();
+    float* own_p = own_probs.data_ptr<float>();
+    {
+    RECORD_FUNCTION("pavlit::suffix_scores_softmax", std::vector<c10::IValue>());
+    at::parallel_for(0, groups * kv, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) {
+        for (int64_t s = 0; s < slots; ++s) {
+          const float* own_keys = keys_p + (block * slots + s) * capacity * d;
+          for (int64_t r = 0; r < rep; ++r) {
+            const int64_t query = block * slots * rep + s * rep + r;
+            const float* q = q_p + query * d;
+            float* prefix = scores_p + query * width;
+            float* mine = own_p + query * own;
+            float top = -INFINITY;
+            for (int64_t j = 0; j < width; ++j) top = std::max(top, prefix[j]);
+            for (int64_t j = 0; j < own; ++j) {
+              mine[j] = dot(q, own_keys + j * d, d);
+              top = std::max(top, mine[j]);
+            }
+            for (int64_t j = 0; j < width; ++j) prefix[j] -= top;
+            for (int64_t j = 0; j < own; ++j) mine[j] -= top;
+            exp_inplace(prefix, width);
+            exp_inplace(mine, own);
+            float total = 0.f;
+            for (int64_t j = 0; j < width; ++j) total += prefix[j];
+            for (int64_t j = 0; j < own; ++j) total += mine[j];
+            const float inv = 1.f / total;
+            for (int64_t j = 0; j < width; ++j) prefix[j] *= inv;
+            for (int64_t j = 0; j < own; ++j) mine[j] *= inv;
+          }
+        }
+      }
+    });
+    }
+    auto prefix_out = at::bmm(scores, prefix_values[layer]);  // [G*kv, S*rep, d]
+    auto attended = torch::empty({rows, heads * d}, hidden.options());
+    const float* prefix_out_p = prefix_out.data_ptr<float>();
+    float* attended_p = attended.data_ptr<float>();
+    {
+    RECORD_FUNCTION("pavlit::suffix_values", std::vector<c10::IValue>());
+    at::parallel_for(0, groups * kv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(d);
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t g = block / kv, kvh = block % kv;
+        for (int64_t s = 0; s < slots; ++s) {
+          const float* own_values = values_p + (block * slots + s) * capacity * d;
+          for (int64_t r = 0; r < rep; ++r) {
+            const int64_t query = block * slots * rep + s * rep + r;
+            const float* p = own_p + query * own;
+            const float* base = prefix_out_p + query * d;
+            for (int64_t i = 0; i < d; ++i) acc[i] = base[i];
+            for (int64_t j = 0; j < own; ++j) {
+              const float* v = own_values + j * d;
+              const float pj = p[j];
+              for (int64_t i = 0; i < d; ++i) acc[i] += pj * v[i];
+            }
+            float* dst = attended_p + (g * slots + s) * heads * d + (kvh * rep + r) * d;
+            for (int64_t i = 0; i < d; ++i) dst[i] = acc[i];
+          }
+        }
+      }
+    });
+    }
+    hidden = at::addmm(hidden, attended, o_w.t());
+
+    auto gate_up = at::linear(rms_norm(hidden, post_norm, eps), gate_up_w);  // [rows, 2I]
+    const int64_t inner = gate_up.size(1) / 2;
+    auto activated = torch::empty({rows, inner}, hidden.options());
+    const float* gu_p = gate_up.data_ptr<float>();
+    float* act_p = activated.data_ptr<float>();
+    {
+    RECORD_FUNCTION("pavlit::silu_mul", std::vector<c10::IValue>());
+    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const float* gate = gu_p + row * 2 * inner;
+        const float* up = gate + inner;
+        float* dst = act_p + row * inner;
+        for (int64_t i = 0; i < inner; ++i) dst[i] = -gate[i];
+        exp_inplace(dst, inner);
+        for (int64_t i = 0; i < inner; ++i) dst[i] = gate[i] / (1.f + dst[i]) * up[i];
+      }
+    });
+    }
+    hidden = at::addmm(hidden, activated, down_w.t());
+  }
+  return hidden;
+}
+
+// One whole step: tokens [real rows] (placed into their slots [G*S] when row_slot is given: the other slots are
+// holes, fed token 0 and dropped before the output layer); rope_table [reach, 2, d] read at positions [G];
+// weights = [embedding, final norm, output layer] + 6 per layer (see layers_step). Returns logits [real rows, V].
+torch::Tensor decode_step(torch::Tensor tokens, const c10::optional<torch::Tensor>& row_slot, torch::Tensor rope_table,
+                          torch::Tensor positions, const std::vector<torch::Tensor>& weights,
+                          const std::vector<torch::Tensor>& prefix_keys_t,
+                          const std::vector<torch::Tensor>& prefix_values, const c10::optional<torch::Tensor>& bias,
+                          const std::vector<torch::Tensor>& suffix_keys,
+                          const std::vector<torch::Tensor>& suffix_values, int64_t t, int64_t groups, int64_t slots,
+                          int64_t heads, int64_t kv, double eps) {
+  const bool holes = row_slot.has_value() && row_slot->defined();
+  if (holes) tokens = at::zeros({groups * slots}, tokens.options()).index_copy_(0, *row_slot, tokens);
+  auto hidden = at::embedding(weights[0], tokens).contiguous();
+  auto rope = rope_table.index_select(0, positions).contiguous();
+  std::vector<torch::Tensor> layer_weights(weights.begin() + 3, weights.end());
+  hidden = layers_step(hidden, rope, layer_weights, prefix_keys_t, prefix_values, bias, suffix_keys, suffix_values, t,
+                       groups, slots, heads, kv, eps);
+  if (holes) hidden = hidden.index_select(0, *row_slot);
+  return at::linear(rms_norm(hidden.contiguous(), weights[1], eps), weights[2]);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("layers_step", &layers_step, "The grouped decoder's layers for one token (float32, CPU)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("decode_step", &decode_step, "One token of the grouped decoder, embedding to logits (float32, CPU)",
+        py::call_guard<py::gil_scoped_release>());
+}

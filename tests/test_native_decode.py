@@ -1,0 +1,142 @@
+"""The compiled decode step (pavlit/policy/native_decode.cpp) computes what the plain-torch grouped decoder
+computes: the same tokens under a fixed seed, logits and log-probs to float32 rounding, in every layout the
+decoder uses (padded prompts, prompts over several groups, holes after compaction, grouped-query attention)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+from conftest import DECODE_PROMPTS as PROMPTS
+from test_fast_decode import small_llama
+
+from pavlit.policy import fast_decode, native
+from pavlit.policy.sampler import Sampler
+
+needs_native = pytest.mark.skipif(
+    not native.enabled() or shutil.which("c++") is None, reason="no C++ compiler here (or PAVLIT_NATIVE=0)"
+)
+
+
+@pytest.fixture(scope="module")
+def gqa_model(tokenizer):
+    """Grouped-query attention (4 query heads share 2 key/value heads), no projection biases: what the step takes."""
+    return small_llama(tokenizer, 2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def _decoders(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every GroupedDecoder the sampler builds from now on."""
+    built = []
+    original = fast_decode.GroupedDecoder.__init__
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(fast_decode.GroupedDecoder, "__init__", record)
+    return built
+
+
+def _assert_same(plain, compiled) -> None:
+    assert compiled.token_ids == plain.token_ids
+    assert compiled.texts == plain.texts and compiled.stop_reasons == plain.stop_reasons
+    for plain_rows, compiled_rows in zip(plain.logprobs, compiled.logprobs):
+        for a, b in zip(plain_rows, compiled_rows):
+            assert torch.allclose(torch.tensor(b), torch.tensor(a), rtol=0.0, atol=1e-5)
+
+
+@needs_native
+def test_the_step_builds_where_a_compiler_exists() -> None:
+    assert native.load() is not None, native.unavailable_reason()
+
+
+@needs_native
+@pytest.mark.parametrize("which", ["sharp", "gqa"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"n": 5},  # padded prompts, one group each
+        {"n": 40, "max_batch": 64},  # a prompt's samples over several groups, compaction re-packing with holes
+        {"n": 3, "max_steps": 1},
+        {"n": 6, "temperature": 0.7, "top_p": 0.9},
+    ],
+)
+def test_compiled_step_gives_the_plain_torch_samples(
+    model, gqa_model, tokenizer, monkeypatch, which: str, options: dict
+) -> None:
+    policy = model if which == "sharp" else gqa_model
+    options = dict(options)
+    n, max_steps = options.pop("n"), options.pop("max_steps", None)
+    outputs, used = [], []
+    for compiled in (False, True):
+        decoders = _decoders(monkeypatch)
+        sampler = Sampler(policy, tokenizer, max_new_tokens=24, native=compiled, **options)
+        outputs.append(sampler.complete(PROMPTS, n=n, seed=3, max_steps=max_steps, return_logprobs=True))
+        used.append({decoder.native is not None for decoder in decoders})
+        monkeypatch.undo()
+    assert used == [{False}, {True}]  # the comparison really ran both paths
+    _assert_same(*outputs)
+
+
+@needs_native
+def test_compiled_step_logits_match_step_by_step(gqa_model, tokenizer, monkeypatch) -> None:
+    """Drive two decoders over the same prefill and tokens; every step's logits agree to float32 rounding."""
+    logits: dict[bool, list[torch.Tensor]] = {}
+    for compiled in (False, True):
+        decoders = _decoders(monkeypatch)
+        seen = []
+        step = fast_decode.GroupedDecoder.step
+
+        def keep(self, tokens, step=step, seen=seen):
+            out = step(self, tokens)
+            seen.append(out.clone())
+            return out
+
+        monkeypatch.setattr(fast_decode.GroupedDecoder, "step", keep)
+        Sampler(gqa_model, tokenizer, max_new_tokens=16, native=compiled).complete(PROMPTS, n=4, seed=1)
+        assert {d.native is not None for d in decoders} == {compiled}
+        logits[compiled] = seen
+        monkeypatch.undo()
+    assert len(logits[True]) == len(logits[False]) > 5
+    for plain, compiled in zip(logits[False], logits[True]):
+        assert torch.allclose(compiled, plain, rtol=0.0, atol=1e-5)
+
+
+def test_without_the_step_the_sampler_decodes_with_plain_torch(model, tokenizer, monkeypatch, caplog) -> None:
+    """No compiler (the build raises): one warning naming why, and the same samples from plain torch."""
+    reference = Sampler(model, tokenizer, max_new_tokens=12, native=False).complete(PROMPTS, n=3, seed=2)
+
+    def no_compiler():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr("torch.utils.cpp_extension.load_inline", lambda **_: no_compiler())
+    decoders = _decoders(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="pavlit.policy.native"):
+        out = Sampler(model, tokenizer, max_new_tokens=12).complete(PROMPTS, n=3, seed=2)
+    assert out.token_ids == reference.token_ids
+    assert decoders and all(decoder.native is None for decoder in decoders)
+    assert "Ninja is required" in native.unavailable_reason()
+    assert any("unavailable" in record.message for record in caplog.records)
+
+
+def test_the_environment_variable_turns_the_step_off(model, tokenizer, monkeypatch) -> None:
+    monkeypatch.setenv("PAVLIT_NATIVE", "0")
+    assert native.load() is None and native.unavailable_reason() == "PAVLIT_NATIVE=0"
+    decoders = _decoders(monkeypatch)
+    Sampler(model, tokenizer, max_new_tokens=4).complete(PROMPTS, n=2)
+    assert decoders and all(decoder.native is None for decoder in decoders)
+
+
+def test_models_the_step_does_not_compute_stay_on_plain_torch(tokenizer, monkeypatch) -> None:
+    """Projection biases and bfloat16 are the plain-torch decoder's (the step takes neither)."""
+    biased = small_llama(tokenizer, 3, attention_bias=True)
+    bf16 = small_llama(tokenizer, 4).to(torch.bfloat16)
+    for policy in (biased, bf16):
+        decoders = _decoders(monkeypatch)
+        out = Sampler(policy, tokenizer, max_new_tokens=6).complete(PROMPTS, n=2, seed=0)
+        assert out.generated_tokens > 0
+        assert decoders and all(decoder.native is None for decoder in decoders)
+        monkeypatch.undo()
