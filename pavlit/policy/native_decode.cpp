@@ -56,6 +56,32 @@ inline void exp_inplace(float* x, int64_t n) {
   }
 }
 
+// dst = base + sum_j p[j] * value_j over n values [n, D] (D known at compile time keeps the sum in registers).
+template <int64_t D>
+inline void own_values_fixed(const float* p, const float* values, int64_t n, const float* base, float* dst) {
+  float acc[D];
+  for (int64_t i = 0; i < D; ++i) acc[i] = base[i];
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = p[j];
+    const float* v = values + j * D;
+    for (int64_t i = 0; i < D; ++i) acc[i] += pj * v[i];
+  }
+  for (int64_t i = 0; i < D; ++i) dst[i] = acc[i];
+}
+
+inline void own_values_into(const float* p, const float* values, int64_t n, int64_t d, const float* base, float* dst) {
+  switch (d) {
+    case 32: return own_values_fixed<32>(p, values, n, base, dst);
+    case 64: return own_values_fixed<64>(p, values, n, base, dst);
+    case 128: return own_values_fixed<128>(p, values, n, base, dst);
+    default:
+      for (int64_t i = 0; i < d; ++i) dst[i] = base[i];
+      for (int64_t j = 0; j < n; ++j) {
+        for (int64_t i = 0; i < d; ++i) dst[i] += p[j] * values[j * d + i];
+      }
+  }
+}
+
 // weight * (x * rsqrt(mean(x^2) + eps)), row by row (LlamaRMSNorm's order of operations).
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   RECORD_FUNCTION("pavlit::rms_norm", std::vector<c10::IValue>());
@@ -184,23 +210,14 @@ torch::Tensor layers_step(torch::Tensor hidden, torch::Tensor rope, const std::v
     {
     RECORD_FUNCTION("pavlit::suffix_values", std::vector<c10::IValue>());
     at::parallel_for(0, groups * kv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(d);
       for (int64_t block = begin; block < end; ++block) {
         const int64_t g = block / kv, kvh = block % kv;
         for (int64_t s = 0; s < slots; ++s) {
           const float* own_values = values_p + (block * slots + s) * capacity * d;
           for (int64_t r = 0; r < rep; ++r) {
             const int64_t query = block * slots * rep + s * rep + r;
-            const float* p = own_p + query * own;
-            const float* base = prefix_out_p + query * d;
-            for (int64_t i = 0; i < d; ++i) acc[i] = base[i];
-            for (int64_t j = 0; j < own; ++j) {
-              const float* v = own_values + j * d;
-              const float pj = p[j];
-              for (int64_t i = 0; i < d; ++i) acc[i] += pj * v[i];
-            }
             float* dst = attended_p + (g * slots + s) * heads * d + (kvh * rep + r) * d;
-            for (int64_t i = 0; i < d; ++i) dst[i] = acc[i];
+            own_values_into(own_p + query * own, own_values, own, d, prefix_out_p + query * d, dst);
           }
         }
       }
