@@ -4,7 +4,8 @@ Loading: ``loading.py`` (models, dtypes, GGUF conversion), ``sources.py`` (confi
 ``precision.py``, ``tokenizer.py``, ``checks.py``. Sampling: ``sampler.py`` (:class:`Sampler`), ``records.py`` (its
 settings, per-call ``Request``, ``SamplerOutput``, the ``complete``/``next_step`` front), ``sampling.py`` (token
 draws), ``decode.py`` (prefill / expand / stop / compact / step), ``kv_cache.py`` and ``fast_decode.py`` (the two
-KV layouts), ``vllm_sampler.py`` and ``backends.py`` (which engine a job samples with).
+KV layouts; ``decode_weights.py`` is the grouped decoder's view of a model, ``native.py`` + ``native_decode.cpp`` its
+compiled step), ``vllm_sampler.py`` and ``backends.py`` (which engine a job samples with).
 """
 
 from pavlit.policy.loading import Policy, gemma3_270m, load_policy, tiny_policy

@@ -1,0 +1,210 @@
+"""The grouped decoder's view of a model: which models it computes, and their layers as fused plain callables.
+
+:func:`supports_fast_decode` says whether :class:`~pavlit.policy.fast_decode.GroupedDecoder` computes exactly a
+model's forward; :class:`DecodeWeights` holds, per layer, one fused QKV and one fused gate-up projection (built once
+per weight version), the norms, the residual products and, where the layer is what the native step computes
+(:mod:`pavlit.policy.native`), the flat weight list that step takes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports_fast_decode(model: nn.Module) -> bool:
+    """Whether :class:`GroupedDecoder` computes exactly this model's forward (Llama architecture, no sliding window)."""
+    inner = _base_model(model)
+    if type(inner).__name__ not in SUPPORTED_ARCHITECTURES:
+        return False
+    config = inner.config
+    if getattr(config, "sliding_window", None) or getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return False
+    backbone = getattr(inner, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if backbone is None or not all(hasattr(backbone, name) for name in needed):
+        return False
+    layer = backbone.layers[0]
+    return all(hasattr(layer.self_attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")) and all(
+        hasattr(layer.mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")
+    )
+
+
+def _plain(*modules: nn.Module) -> bool:
+    """All plain ``nn.Linear`` of one dtype, with biases on all or none (so they can be concatenated)."""
+    if not all(type(m) is nn.Linear for m in modules):
+        return False
+    return len({m.weight.dtype for m in modules}) == 1 and len({m.bias is None for m in modules}) == 1
+
+
+def _projection(module: nn.Module) -> Any:
+    """A callable equal to ``module`` that skips ``nn.Module.__call__`` for plain linear layers."""
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    return module
+
+
+def _fused(modules: tuple[nn.Module, ...], scales: tuple[float, ...]) -> tuple[Any, torch.Tensor | None]:
+    """One linear map computing ``cat([scale * m(x) for m in modules], -1)`` and its weight when the modules are
+    bias-free (plain linears), or ``(None, None)``."""
+    if not _plain(*modules):
+        return None, None
+    weight = torch.cat([m.weight.detach() * s if s != 1.0 else m.weight.detach() for m, s in zip(modules, scales)])
+    bias = None
+    if modules[0].bias is not None:
+        bias = torch.cat([m.bias.detach() * s if s != 1.0 else m.bias.detach() for m, s in zip(modules, scales)])
+    return (lambda x: F.linear(x, weight, bias)), (weight if bias is None else None)
+
+
+def _rms_norm_weight(module: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """A float32 ``LlamaRMSNorm``'s weight and epsilon (what the native step computes), else ``None``."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if type(module).__name__ == "LlamaRMSNorm" and weight is not None and weight.dtype == torch.float32:
+        return weight.detach(), float(eps)
+    return None
+
+
+def _bias_free_weight(module: nn.Module) -> torch.Tensor | None:
+    return module.weight.detach() if type(module) is nn.Linear and module.bias is None else None
+
+
+def _residual(module: nn.Module) -> Any:
+    """``f(residual, x) = residual + module(x)``, in one ``addmm`` for a bias-free plain linear."""
+    if type(module) is nn.Linear and module.bias is None:
+        weight_t = module.weight.t()
+        return lambda residual, x: torch.addmm(residual, x, weight_t)
+    return lambda residual, x: residual + module(x)
+
+
+def _norm(module: nn.Module) -> Any:
+    """The layer's RMSNorm; ``F.rms_norm`` (one kernel, same arithmetic) for float32 ``LlamaRMSNorm``."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if type(module).__name__ == "LlamaRMSNorm" and weight is not None and eps is not None:
+        if weight.dtype == torch.float32:
+            shape = (weight.shape[0],)
+            return lambda x: F.rms_norm(x, shape, weight, eps)
+    return module
+
+
+def _activation(act: nn.Module) -> Any:
+    return F.silu if type(act).__name__ in ("SiLU", "SiLUActivation") else act
+
+
+class _Layer:
+    """One decoder layer's callables and shapes."""
+
+    def __init__(self, layer: nn.Module, heads: int, kv_heads: int) -> None:
+        attention, mlp = layer.self_attn, layer.mlp
+        self.head_dim = attention.head_dim
+        self.heads, self.kv_heads = heads, kv_heads
+        self.input_norm = _norm(layer.input_layernorm)
+        self.post_norm = _norm(layer.post_attention_layernorm)
+        scaling = float(attention.scaling)
+        dtype = attention.q_proj.weight.dtype if hasattr(attention.q_proj, "weight") else None
+        # Folding the scale into W_q is exact for a power of two; in float32 it moves results by an ulp or so.
+        exact = math.frexp(scaling)[0] == 0.5
+        fold = exact or dtype == torch.float32
+        self.qkv, qkv_weight = _fused(
+            (attention.q_proj, attention.k_proj, attention.v_proj), (scaling if fold else 1.0, 1.0, 1.0)
+        )
+        self.q_scale = 1.0 if self.qkv is not None and fold else scaling
+        if self.qkv is None:
+            q, k, v = (_projection(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj))
+            self.qkv = lambda x: torch.cat((q(x), k(x), v(x)), dim=-1)
+        self.o = _residual(attention.o_proj)
+        self.gate_up, gate_up_weight = _fused((mlp.gate_proj, mlp.up_proj), (1.0, 1.0))
+        if self.gate_up is None:
+            gate, up = _projection(mlp.gate_proj), _projection(mlp.up_proj)
+            self.gate_up = lambda x: torch.cat((gate(x), up(x)), dim=-1)
+        self.intermediate = mlp.gate_proj.out_features
+        self.act = _activation(mlp.act_fn)
+        self.down = _residual(mlp.down_proj)
+        # What the native step (pavlit.policy.native) takes, when this layer is what it computes: float32
+        # RMSNorms, bias-free plain projections with the attention scale folded into W_q, SiLU.
+        norms = (_rms_norm_weight(layer.input_layernorm), _rms_norm_weight(layer.post_attention_layernorm))
+        weights = (qkv_weight, _bias_free_weight(attention.o_proj), gate_up_weight, _bias_free_weight(mlp.down_proj))
+        self.native: tuple[list[torch.Tensor], float] | None = None
+        if (
+            None not in norms
+            and all(w is not None and w.dtype == torch.float32 and w.device.type == "cpu" for w in weights)
+            and self.q_scale == 1.0
+            and self.act is F.silu
+            and norms[0][1] == norms[1][1]
+        ):
+            self.native = ([norms[0][0], norms[1][0], *weights], norms[0][1])
+
+
+_UNTRACKED = itertools.count()
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The in-place update counter; inference tensors have none, so they get a fresh number each time (the fused
+    copies are then rebuilt for every batch: safe, if slower)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1 - next(_UNTRACKED)
+
+
+class DecodeWeights:
+    """The decoder's view of a model: fused projections and plain callables, rebuilt when a weight changes.
+
+    Built once per :class:`~pavlit.policy.sampler.Sampler` and reused by every batch; :meth:`current` rebuilds
+    the fused copies when any parameter was replaced or updated in place (an RL step), detected through the
+    parameters' identities and version counters.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._key: tuple | None = None
+        self._build()
+
+    def _fingerprint(self) -> tuple:
+        return tuple((id(p), p.data_ptr(), _version(p)) for p in self.model.parameters())
+
+    def _build(self) -> None:
+        inner = _base_model(self.model)
+        backbone, config = inner.model, inner.config
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        with torch.no_grad():
+            self.layers = [_Layer(layer, heads, kv_heads) for layer in backbone.layers]
+        embed = backbone.embed_tokens
+        self.embed = (lambda ids: F.embedding(ids, embed.weight)) if type(embed) is nn.Embedding else embed
+        self.rotary = backbone.rotary_emb
+        self.final_norm = _norm(backbone.norm)
+        self.lm_head = _projection(inner.lm_head)
+        self.heads, self.kv_heads = heads, kv_heads
+        # The native step's flat weight list (6 per layer) and epsilon, when every layer qualifies.
+        # Then the embedding, final norm and output layer too: [embedding, final norm, output layer] + 6 per layer.
+        self.native_weights: list[torch.Tensor] | None = None
+        self.native_eps = 0.0
+        final = _rms_norm_weight(backbone.norm)
+        ends = (embed.weight.detach() if type(embed) is nn.Embedding else None, _bias_free_weight(inner.lm_head))
+        epsilons = {layer.native[1] for layer in self.layers if layer.native is not None}
+        if (
+            all(layer.native is not None for layer in self.layers)
+            and final is not None
+            and all(w is not None and w.dtype == torch.float32 and w.device.type == "cpu" for w in ends)
+            and epsilons == {final[1]}
+        ):
+            self.native_weights = [ends[0], final[0], ends[1]] + [w for layer in self.layers for w in layer.native[0]]
+            self.native_eps = final[1]
+        self._key = self._fingerprint()
+
+    def current(self) -> DecodeWeights:
+        """Itself, rebuilt first if the model's weights changed since the last build."""
+        if self._fingerprint() != self._key:
+            self._build()
+        return self
