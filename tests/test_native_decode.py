@@ -15,6 +15,7 @@ from test_fast_decode import small_llama
 from pavlit.policy import fast_decode, native
 from pavlit.policy.sampler import Sampler
 
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 needs_native = pytest.mark.skipif(
     not native.enabled() or shutil.which("c++") is None, reason="no C++ compiler here (or PAVLIT_NATIVE=0)"
 )
@@ -53,6 +54,7 @@ def test_the_step_builds_where_a_compiler_exists() -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("onednn", ["0", pytest.param("1", marks=needs_onednn)])  # BLAS or prepacked products
 @pytest.mark.parametrize("which", ["sharp", "gqa"])
 @pytest.mark.parametrize(
     "options",
@@ -64,9 +66,10 @@ def test_the_step_builds_where_a_compiler_exists() -> None:
     ],
 )
 def test_compiled_step_gives_the_plain_torch_samples(
-    model, gqa_model, tokenizer, monkeypatch, which: str, options: dict
+    model, gqa_model, tokenizer, monkeypatch, onednn: str, which: str, options: dict
 ) -> None:
     policy = model if which == "sharp" else gqa_model
+    monkeypatch.setenv("PAVLIT_ONEDNN", onednn)
     options = dict(options)
     n, max_steps = options.pop("n"), options.pop("max_steps", None)
     outputs, used = [], []
@@ -76,6 +79,7 @@ def test_compiled_step_gives_the_plain_torch_samples(
         outputs.append(sampler.complete(PROMPTS, n=n, seed=3, max_steps=max_steps, return_logprobs=True))
         used.append({decoder.native is not None for decoder in decoders})
         monkeypatch.undo()
+        monkeypatch.setenv("PAVLIT_ONEDNN", onednn)
     assert used == [{False}, {True}]  # the comparison really ran both paths
     _assert_same(*outputs)
 

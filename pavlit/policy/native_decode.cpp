@@ -1,8 +1,8 @@
 // One decode step of a Llama-architecture model's layers for pavlit's grouped decoder (float32, CPU).
 //
 // pavlit/policy/fast_decode.py does the same arithmetic in about forty tensor operations per layer; on a small
-// model each of them costs more in Python and dispatch than in arithmetic. Here the matrix products stay ATen
-// calls (the same BLAS), and everything between them - RMSNorm, RoPE with the KV-cache write, the suffix part
+// model each of them costs more in Python and dispatch than in arithmetic. Here the matrix products stay library
+// calls (the same BLAS, or oneDNN for weights prepacked for it), and everything between them - RMSNorm, RoPE with the KV-cache write, the suffix part
 // of attention with the joint softmax, SiLU-and-multiply - is one loop each, without Python and without the GIL.
 //
 // Layouts are the grouped decoder's: rows are [group, slot]; a group's queries for kv head h are rows
@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 
 #include <algorithm>
@@ -82,6 +83,25 @@ inline void own_values_into(const float* p, const float* values, int64_t n, int6
   }
 }
 
+// x @ w^T. A weight prepacked into oneDNN's blocked layout (an MKLDNN tensor: pavlit/policy/decode_weights.py
+// packs them where oneDNN's kernels are the faster ones) goes through oneDNN's linear; a plain weight through
+// ATen's (the BLAS).
+torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w) {
+  if (!w.is_mkldnn()) return at::linear(x, w);
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                            c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
+  return op.call(x, w, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+}
+
+// residual + x @ w^T (one addmm for a plain weight).
+torch::Tensor project_add(const torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& w) {
+  if (!w.is_mkldnn()) return at::addmm(residual, x, w.t());
+  return project(x, w).add_(residual);
+}
+
 // weight * (x * rsqrt(mean(x^2) + eps)), row by row (LlamaRMSNorm's order of operations).
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   RECORD_FUNCTION("pavlit::rms_norm", std::vector<c10::IValue>());
@@ -129,7 +149,7 @@ torch::Tensor layers_step(torch::Tensor hidden, torch::Tensor rope, const std::v
     const auto& gate_up_w = weights[6 * layer + 4];
     const auto& down_w = weights[6 * layer + 5];
 
-    auto qkv = at::linear(rms_norm(hidden, in_norm, eps), qkv_w);  // [rows, (H + 2kv) d]
+    auto qkv = project(rms_norm(hidden, in_norm, eps), qkv_w);  // [rows, (H + 2kv) d]
     auto queries = torch::empty({groups * kv, slots * rep, d}, hidden.options());
     float* q_p = queries.data_ptr<float>();
     const float* qkv_p = qkv.data_ptr<float>();
@@ -223,9 +243,9 @@ torch::Tensor layers_step(torch::Tensor hidden, torch::Tensor rope, const std::v
       }
     });
     }
-    hidden = at::addmm(hidden, attended, o_w.t());
+    hidden = project_add(hidden, attended, o_w);
 
-    auto gate_up = at::linear(rms_norm(hidden, post_norm, eps), gate_up_w);  // [rows, 2I]
+    auto gate_up = project(rms_norm(hidden, post_norm, eps), gate_up_w);  // [rows, 2I]
     const int64_t inner = gate_up.size(1) / 2;
     auto activated = torch::empty({rows, inner}, hidden.options());
     const float* gu_p = gate_up.data_ptr<float>();
@@ -243,7 +263,7 @@ torch::Tensor layers_step(torch::Tensor hidden, torch::Tensor rope, const std::v
       }
     });
     }
-    hidden = at::addmm(hidden, activated, down_w.t());
+    hidden = project_add(hidden, activated, down_w);
   }
   return hidden;
 }
@@ -266,7 +286,7 @@ torch::Tensor decode_step(torch::Tensor tokens, const c10::optional<torch::Tenso
   hidden = layers_step(hidden, rope, layer_weights, prefix_keys_t, prefix_values, bias, suffix_keys, suffix_values, t,
                        groups, slots, heads, kv, eps);
   if (holes) hidden = hidden.index_select(0, *row_slot);
-  return at::linear(rms_norm(hidden.contiguous(), weights[1], eps), weights[2]);
+  return project(rms_norm(hidden.contiguous(), weights[1], eps), weights[2]);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
