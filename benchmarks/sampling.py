@@ -11,6 +11,8 @@ Workload (the labelling pattern): P prefixes x n Monte-Carlo completions x up to
 * ``pavlit/one-thread`` - the same with ``threads=1`` (one batch, the intra-op threads inside each op), shown
   when the benchmark has more than one thread;
 * ``pavlit/plain-torch`` - the grouped decoder without its compiled layer step (``Sampler(native=False)``);
+* ``pavlit/blas`` - where the decoder prepacks its projections for oneDNN (``packs_weights``: fp32 on AVX-512
+  CPUs, bf16 where oneDNN has bf16 kernels), the same sampler with the BLAS products (``PAVLIT_ONEDNN=0``);
 * ``pavlit/unshared`` - the same without prefix sharing (each sample prefills its own prompt);
 * ``pavlit/hf-forward`` - the same through the model's Hugging Face forward instead of pavlit's grouped
   plain-torch decoder (Llama-architecture models only; shows what the decoder adds);
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -46,6 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pavlit.policy.decode_weights import packs_weights  # noqa: E402
 from pavlit.policy.loading import (  # noqa: E402
     GEMMA_INSTALL_HINT,
     SMOLLM2_INSTALL_HINT,
@@ -105,6 +109,22 @@ def machine_line() -> str:
         f"cpu: {' '.join(have)}; torch {torch.__version__}, threads={torch.get_num_threads()}, "
         f"mkldnn={torch.backends.mkldnn.is_available()}"
     )
+
+
+def blas_sampler(model, tokenizer, prompt: str, **options) -> Sampler:
+    """A sampler whose decoder keeps the BLAS products: its decode weights are built (by one small call) while
+    ``PAVLIT_ONEDNN=0``, and kept, since the weights do not change."""
+    previous = os.environ.get("PAVLIT_ONEDNN")
+    os.environ["PAVLIT_ONEDNN"] = "0"
+    try:
+        sampler = Sampler(model, tokenizer, **options)
+        sampler.complete([prompt], n=1)
+    finally:
+        if previous is None:
+            del os.environ["PAVLIT_ONEDNN"]
+        else:
+            os.environ["PAVLIT_ONEDNN"] = previous
+    return sampler
 
 
 def round_robin(repeats: int, runs: dict[str, Callable[[], int]]) -> dict[str, dict[str, float]]:
@@ -239,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     hf_forward = Sampler(model, tokenizer, fast_decode=False, **options)
     one_thread = Sampler(model, tokenizer, **{**options, "threads": 1})
     plain_torch = Sampler(model, tokenizer, native=False, **options)
+    packs = sampler._fast_decode and packs_weights(model.dtype, sampler.device)
+    blas = blas_sampler(model, tokenizer, prompts[0], **options) if packs and not args.skip_extras else None
     runs: dict[str, Callable[[], int]] = {
         "generate/prefix": generate_per_prefix,
         "pavlit/complete": lambda: sampler.complete(prompts, n=n).generated_tokens,
@@ -250,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         runs["pavlit/unshared"] = lambda: unshared.complete(prompts, n=n).generated_tokens
         if sampler._fast_decode:
             runs["pavlit/plain-torch"] = lambda: plain_torch.complete(prompts, n=n).generated_tokens
+            if blas is not None:
+                runs["pavlit/blas"] = lambda: blas.complete(prompts, n=n).generated_tokens
             runs["pavlit/hf-forward"] = lambda: hf_forward.complete(prompts, n=n).generated_tokens
         runs["pavlit/next_step"] = lambda: sampler.next_step(prompts, n=n).generated_tokens
 
@@ -272,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
 
     module = native.load()
     print(f"native step: on ({module.__name__})" if module else f"native step: off ({native.unavailable_reason()})")
+    kernel = "oneDNN, prepacked (PAVLIT_ONEDNN=0: the BLAS)" if packs else "the BLAS (ATen)"
+    print(f"decoder projections: {kernel}")
     print(f"{'method':<18} {'tokens':>7} {'seconds':>8} {'tok/s':>9} {'median':>9} {'vs baseline':>11}")
     for name, result in results.items():
         print(
@@ -281,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         payload = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
         payload["machine"] = machine_line()
+        payload["projections"] = kernel
         payload["results"] = results
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(payload, indent=2))
