@@ -144,3 +144,56 @@ def test_models_the_step_does_not_compute_stay_on_plain_torch(tokenizer, monkeyp
         assert out.generated_tokens > 0
         assert decoders and all(decoder.native is None for decoder in decoders)
         monkeypatch.undo()
+
+
+def _both_samplers(logits: torch.Tensor, temperature: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from pavlit.policy.sampling import sample_tokens
+
+    module = native.load()
+    drawn = [
+        sample_tokens(logits, temperature, 1.0, torch.Generator().manual_seed(seed), kernel)
+        for kernel in (None, module)
+    ]
+    return drawn[0], drawn[1]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [36, 1000, 49_152])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_compiled_sampling_draws_the_tokens_of_the_cumulative_sum(dtype, vocab: int, temperature: float) -> None:
+    """Same draws, same rule: the blocked float64 sums pick the tokens the sequential cumulative sum picks."""
+    generator = torch.Generator().manual_seed(vocab)
+    logits = (3.0 * torch.randn(64, vocab, generator=generator)).to(dtype)
+    logits[::3, 5::7] = -torch.inf  # masked tokens: zero mass, never drawn
+    plain, compiled = _both_samplers(logits, temperature, seed=11)
+    assert torch.equal(compiled, plain)
+    masked = (logits[::3] == -torch.inf).gather(1, compiled[::3, None])
+    assert not masked.any()
+    assert len(set(compiled.tolist())) > 10  # really random draws, not one token
+
+
+@needs_native
+def test_compiled_sampling_follows_the_softmax() -> None:
+    """Chi-square against softmax(logits / T) over 20,000 draws of a 6-token distribution."""
+    from pavlit.policy.sampling import sample_tokens
+
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.0, -torch.inf, 0.0]]).repeat(20_000, 1)
+    tokens = sample_tokens(logits, 0.8, 1.0, torch.Generator().manual_seed(0), native.load())
+    counts = torch.bincount(tokens, minlength=6).double()
+    expected = (logits[0] / 0.8).softmax(-1).double() * 20_000
+    assert counts[4] == 0
+    keep = expected > 0
+    chi2 = (((counts - expected) ** 2)[keep] / expected[keep]).sum().item()
+    assert chi2 < 20.5  # 5 degrees of freedom: p = 0.001
+
+
+@needs_native
+def test_compiled_sampling_of_rows_without_mass_and_one_token() -> None:
+    module = native.load()
+    draw = torch.tensor([[0.5], [0.999999]], dtype=torch.float64)
+    nothing = torch.full((2, 9), -torch.inf)
+    assert module.sample_rows(nothing, draw, 1.0).tolist() == [8, 8]
+    one = torch.full((2, 9), -torch.inf)
+    one[:, 3] = 0.0
+    assert module.sample_rows(one, draw, 1.0).tolist() == [3, 3]

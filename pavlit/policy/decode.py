@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedModel
 
+from pavlit.policy import native
 from pavlit.policy.fast_decode import DecodeWeights, GroupedDecoder
 from pavlit.policy.kv_cache import new_cache
 from pavlit.policy.records import STOP_EOS, STOP_LENGTH, Request
@@ -261,8 +262,9 @@ def decode_batch(
     )
     rows = Rows(**vars(out))
     compacted = False
+    kernel = native.load() if sampler.native and device.type == "cpu" else None  # the compiled sampling loop
     for t in range(max_new_tokens):
-        tokens = sample_tokens(batch.logits, request.temperature, request.top_p, generator)
+        tokens = sample_tokens(batch.logits, request.temperature, request.top_p, generator, kernel)
         rows.tokens[:, t] = tokens
         if rows.logprobs is not None:
             rows.logprobs[:, t] = token_logprobs(batch.logits, tokens)

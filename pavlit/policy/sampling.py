@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
 
 def sample_tokens(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    kernel: ModuleType | None = None,
 ) -> torch.Tensor:
     """Draw one token per row of ``logits`` (``[rows, vocab]``) with temperature and nucleus (top-p) sampling.
 
@@ -21,12 +27,19 @@ def sample_tokens(
         temperature: Softmax temperature; 0 means argmax.
         top_p: Keep the smallest set of most likely tokens whose mass reaches ``top_p`` (at least one token).
         generator: Source of randomness (on the logits' device).
+        kernel: The compiled step (:mod:`pavlit.policy.native`): CPU rows without top-p are then drawn by its
+            ``sample_rows``, the same rule and the same draws with the float64 sums taken per block of 64 tokens
+            instead of one dependent chain over the vocabulary (the same tokens but where a draw falls within
+            ~1e-16 of a boundary).
 
     Returns:
         ``[rows]`` long tensor of token ids.
     """
     if temperature <= 0:
         return logits.argmax(dim=-1)
+    if kernel is not None and top_p >= 1.0 and logits.device.type == "cpu":
+        draw = torch.rand((logits.shape[0], 1), dtype=torch.float64, device=logits.device, generator=generator)
+        return kernel.sample_rows(logits, draw, float(temperature))
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
