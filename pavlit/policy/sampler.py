@@ -89,10 +89,12 @@ class Sampler(SamplerCalls):
             them (``torch.get_num_threads() // threads`` each, restored after the call). A small model's decode
             step is too small for intra-op parallelism to help, so on a CPU with ``c`` cores ``threads=c`` is the
             fast setting (see the README's sampler table); a call's rows are then split into at least
-            ``threads`` batches. Part of the seeding: another value gives other (equally distributed) samples.
-        native: Let the grouped decoder run its layers as one compiled call per token
-            (:mod:`pavlit.policy.native`: float32 on CPU, built once with the machine's C++ compiler; same
-            tokens, log-probs to float32 rounding). ``False``, or ``PAVLIT_NATIVE=0``: plain torch only.
+            ``threads`` batches. A model of 100M+ parameters is faster with 1: each batch streams all the
+            weights every step. Part of the seeding: another value gives other (equally distributed) samples.
+        native: Let the grouped decoder run its layers as one compiled call per token, and draw CPU tokens
+            without top-p with its compiled sampling (:mod:`pavlit.policy.native`: the step for float32 on CPU,
+            built once with the machine's C++ compiler; same tokens, log-probs to float32 rounding). ``False``,
+            or ``PAVLIT_NATIVE=0``: plain torch only.
 
     Attributes:
         compact_fraction: Finished rows are dropped from the decoding batch (a copy of its KV cache) once they
