@@ -93,7 +93,8 @@ def _records(folder: Path) -> list[dict]:
 
 def _label_config(tmp_path: Path, out: Path) -> Path:
     config = {
-        "task": {"class_path": "pavlit_toy_tasks.SevenTask", "init_args": {"n_problems": 24}},
+        # ~1 ms per score: the whole job takes ~1 s however fast sampling is, so a signal lands mid-run.
+        "task": {"class_path": "pavlit_toy_tasks.SevenTask", "init_args": {"n_problems": 24, "score_seconds": 0.001}},
         "policy": {"class_path": "TinyPolicy", "init_args": {**TINY, "alphabet": ALPHABET, "seed": 3}},
         "output_dir": str(out),
         "label": {"n_cov": 2, "n_mc": 8, "max_new_tokens": 12},
