@@ -264,6 +264,12 @@ def _lightning_classes() -> dict[str, type]:
                 return
             rank_zero_info(f"resuming the interrupted run in {root} from {checkpoint}")
             config.ckpt_path = checkpoint
+            # A kill between a best-checkpoint save and the next resume checkpoint makes the resumed run save
+            # that same checkpoint again (same step, same weights): overwrite it rather than keep both as
+            # `...-v1.ckpt`, so the export names the file the uninterrupted run would.
+            for callback in self.trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint) and not isinstance(callback, ResumeCheckpoint):
+                    callback._enable_version_counter = False
 
         def after_fit(self) -> None:
             resume = self.config_init["fit"].get("resume")
