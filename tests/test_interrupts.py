@@ -46,10 +46,23 @@ def _pavlit(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "pavlit", *args]
 
 
+def _interactive_signals() -> None:
+    # A shell without job control starts background commands with SIGINT ignored (`nohup cmd &`), the child
+    # inherits that, and pavlit rightly leaves an ignored signal ignored; these tests act as a terminal's Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(command: list[str], log: Path) -> subprocess.Popen:
     # Own process group: the kill takes the command and anything it started (DDP ranks, pipeline stages).
     with log.open("a") as out:
-        return subprocess.Popen(command, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_interactive_signals,
+        )
 
 
 def _kill_when(command: list[str], log: Path, ready: Callable[[], bool], delay: float = 0.0) -> bool:
