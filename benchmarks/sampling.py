@@ -12,7 +12,7 @@ Workload (the labelling pattern): P prefixes x n Monte-Carlo completions x up to
   when the benchmark has more than one thread;
 * ``pavlit/plain-torch`` - the grouped decoder without its compiled layer step (``Sampler(native=False)``);
 * ``pavlit/blas`` - where the decoder prepacks its projections for oneDNN (``packs_weights``: fp32 on AVX-512
-  CPUs, bf16 where oneDNN has bf16 kernels), the same sampler with the BLAS products (``PAVLIT_ONEDNN=0``);
+  CPUs, bf16 where torch runs bf16 products on oneDNN), the same sampler with the BLAS products (``PAVLIT_ONEDNN=0``);
 * ``pavlit/unshared`` - the same without prefix sharing (each sample prefills its own prompt);
 * ``pavlit/hf-forward`` - the same through the model's Hugging Face forward instead of pavlit's grouped
   plain-torch decoder (Llama-architecture models only; shows what the decoder adds);

@@ -262,7 +262,7 @@ def decode_batch(
     )
     rows = Rows(**vars(out))
     compacted = False
-    kernel = native.load() if sampler.native and device.type == "cpu" else None  # the compiled sampling loop
+    kernel = native.load() if sampler.native and device.type == "cpu" else None  # compiled sampling
     for t in range(max_new_tokens):
         tokens = sample_tokens(batch.logits, request.temperature, request.top_p, generator, kernel)
         rows.tokens[:, t] = tokens

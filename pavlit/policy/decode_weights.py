@@ -14,14 +14,13 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pavlit.policy.precision import cpu_flags
+from pavlit.policy.precision import cpu_flags, env_switch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 # Output layers narrower than this stay on the BLAS: for the tiny policy's 36 tokens oneDNN is the slower one.
@@ -76,12 +75,10 @@ def packs_weights(dtype: torch.dtype, device: torch.device | str = "cpu") -> boo
     ``PAVLIT_ONEDNN=0`` turns it off, ``PAVLIT_ONEDNN=1`` forces it for float32 and bf16."""
     if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return False
-    setting = os.environ.get("PAVLIT_ONEDNN", "").strip().lower()
-    if setting in ("0", "false", "no", "off"):
-        return False
-    if setting in ("1", "true", "yes", "on"):
-        return torch.backends.mkldnn.is_available()
-    return _onednn_faster(dtype)
+    setting = env_switch("PAVLIT_ONEDNN")
+    if setting is None:
+        return _onednn_faster(dtype)
+    return setting and torch.backends.mkldnn.is_available()
 
 
 def _packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[Any, torch.Tensor]:

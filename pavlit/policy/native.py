@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from pavlit.policy.precision import cpu_flags
+from pavlit.policy.precision import cpu_flags, env_switch
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ def _flags() -> list[str]:
 
 def enabled() -> bool:
     """``False`` when ``PAVLIT_NATIVE=0`` (or ``false``/``no``/``off``) turns the extension off."""
-    return os.environ.get("PAVLIT_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_switch("PAVLIT_NATIVE") is not False
 
 
 def load() -> ModuleType | None:

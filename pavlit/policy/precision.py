@@ -28,6 +28,17 @@ FAST_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 AUTO_DTYPE_ENV = "PAVLIT_AUTO_DTYPE"
 
 
+def env_switch(name: str) -> bool | None:
+    """An on/off environment setting: ``True`` for ``1``/``true``/``yes``/``on``, ``False`` for
+    ``0``/``false``/``no``/``off`` (any case), ``None`` when unset or anything else (the default applies)."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
     """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is no such file, e.g. macOS)."""
     try:
