@@ -11,8 +11,9 @@ Workload (the labelling pattern): P prefixes x n Monte-Carlo completions x up to
 * ``pavlit/one-thread`` - the same with ``threads=1`` (one batch, the intra-op threads inside each op), shown
   when the benchmark has more than one thread;
 * ``pavlit/plain-torch`` - the grouped decoder without its compiled layer step (``Sampler(native=False)``);
-* ``pavlit/blas`` - where the decoder prepacks its projections for oneDNN (``packs_weights``: fp32 on AVX-512
-  CPUs, bf16 where torch runs bf16 products on oneDNN), the same sampler with the BLAS products (``PAVLIT_ONEDNN=0``);
+* ``pavlit/blas`` - where the decoder prepacks projections for oneDNN (``packs_weights``: fp32 on non-Intel AVX-512
+  CPUs and wide fp32 output layers, bf16 where torch runs bf16 products on oneDNN), the same sampler with the BLAS
+  products (``PAVLIT_ONEDNN=0``);
 * ``pavlit/unshared`` - the same without prefix sharing (each sample prefills its own prompt);
 * ``pavlit/hf-forward`` - the same through the model's Hugging Face forward instead of pavlit's grouped
   plain-torch decoder (Llama-architecture models only; shows what the decoder adds);
@@ -260,7 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     one_thread = Sampler(model, tokenizer, **{**options, "threads": 1})
     plain_torch = Sampler(model, tokenizer, native=False, **options)
     packs = sampler._fast_decode and packs_weights(model.dtype, sampler.device)
-    blas = blas_sampler(model, tokenizer, prompts[0], **options) if packs and not args.skip_extras else None
+    head_width = getattr(getattr(model, "lm_head", None), "out_features", None)  # the output layer's own rule
+    head_packs = bool(sampler._fast_decode and head_width and packs_weights(model.dtype, sampler.device, head_width))
+    blas = (
+        blas_sampler(model, tokenizer, prompts[0], **options)
+        if (packs or head_packs) and not args.skip_extras
+        else None
+    )
     runs: dict[str, Callable[[], int]] = {
         "generate/prefix": generate_per_prefix,
         "pavlit/complete": lambda: sampler.complete(prompts, n=n).generated_tokens,
@@ -296,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
 
     module = native.load()
     print(f"native step: on ({module.__name__})" if module else f"native step: off ({native.unavailable_reason()})")
-    kernel = "oneDNN, prepacked (PAVLIT_ONEDNN=0: the BLAS)" if packs else "the BLAS (ATen)"
+    kernel = "oneDNN, prepacked" if packs else "the BLAS (ATen) on weights transposed once"
+    if head_width and head_packs != packs:
+        kernel += f"; output layer ({head_width} tokens): " + ("oneDNN, prepacked" if head_packs else "the BLAS")
+    if packs or head_packs:
+        kernel += " (PAVLIT_ONEDNN=0: the BLAS)"
     print(f"decoder projections: {kernel}")
     print(f"{'method':<18} {'tokens':>7} {'seconds':>8} {'tok/s':>9} {'median':>9} {'vs baseline':>11}")
     for name, result in results.items():

@@ -40,6 +40,14 @@ def test_cpu_flags_reads_the_flags_line(tmp_path: Path) -> None:
     assert precision.cpu_flags(tmp_path / "missing") == frozenset()
 
 
+def test_cpu_vendor_reads_the_vendor_line(tmp_path: Path) -> None:
+    (tmp_path / "amd").write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: avx2\n")
+    (tmp_path / "avx2").write_text(AVX2_CPUINFO)
+    assert precision.cpu_vendor(tmp_path / "amd") == "AuthenticAMD"
+    assert precision.cpu_vendor(tmp_path / "avx2") == ""
+    assert precision.cpu_vendor(tmp_path / "missing") == ""
+
+
 @pytest.mark.parametrize(
     ("cuda", "flags", "expected"),
     [

@@ -11,7 +11,7 @@ import torch
 from test_fast_decode import small_llama
 
 from pavlit.policy import decode_weights, native
-from pavlit.policy.decode_weights import PACK_MIN_OUTPUT, DecodeWeights, packs_weights
+from pavlit.policy.decode_weights import PACK_MIN_OUTPUT, PACK_WIDE_OUTPUT, DecodeWeights, packs_weights
 from pavlit.policy.sampler import Sampler
 
 PROMPTS = ["Compute 3+4.\n", "Compute (8+9)*3-11.\n", "Compute 12*(7-5).\n"]
@@ -26,8 +26,9 @@ needs_native = pytest.mark.skipif(
 def rule(monkeypatch: pytest.MonkeyPatch):
     """Set the CPU flags the default rule sees (and clear its per-process cache around the test)."""
 
-    def with_flags(*flags: str) -> None:
+    def with_flags(*flags: str, vendor: str = "AuthenticAMD") -> None:
         monkeypatch.setattr(decode_weights, "cpu_flags", lambda: frozenset(flags))
+        monkeypatch.setattr(decode_weights, "cpu_vendor", lambda: vendor)
         decode_weights._onednn_faster.cache_clear()
 
     monkeypatch.delenv("PAVLIT_ONEDNN", raising=False)
@@ -41,6 +42,20 @@ def test_float32_packs_on_avx512_cpus_only(rule) -> None:
     assert not packs_weights(torch.float32)
     rule("avx2", "fma", "avx512f")
     assert packs_weights(torch.float32)
+
+
+@needs_onednn
+def test_float32_on_intel_packs_only_wide_output_layers(rule) -> None:
+    """MKL's own AVX-512 kernels win the layers' products on Intel; oneDNN still wins a 49k-token output layer."""
+    rule("avx2", "avx512f", vendor="GenuineIntel")
+    assert not packs_weights(torch.float32)
+    assert not packs_weights(torch.float32, out_features=PACK_WIDE_OUTPUT - 1)
+    assert packs_weights(torch.float32, out_features=PACK_WIDE_OUTPUT)
+    rule("avx2", vendor="GenuineIntel")
+    assert not packs_weights(torch.float32, out_features=PACK_WIDE_OUTPUT)
+    rule("avx2", "avx512f")
+    assert packs_weights(torch.float32, out_features=PACK_MIN_OUTPUT)
+    assert not packs_weights(torch.float32, out_features=PACK_MIN_OUTPUT - 1)
 
 
 @needs_onednn

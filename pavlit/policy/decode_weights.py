@@ -7,6 +7,9 @@ per weight version), the norms, the residual products and, where the layer is wh
 
 Where oneDNN's matrix kernels are the faster ones (:func:`packs_weights`), the projections' weights are prepacked
 once into oneDNN's blocked layout and both decoders run them through ``torch.ops.mkldnn._linear_pointwise``.
+Elsewhere on CPU they are kept transposed, ``[in, out]`` and contiguous, so the BLAS multiplies ``x @ w`` without
+a transposed operand: MKL's fp32 products at the decoder's shapes are 1.1-2.5x faster that way than
+``F.linear``'s ``x @ w.T`` (Intel Xeon, 16-64 rows).
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pavlit.policy.precision import cpu_flags, env_switch
+from pavlit.policy.precision import cpu_flags, cpu_vendor, env_switch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 # Output layers narrower than this stay on the BLAS: for the tiny policy's 36 tokens oneDNN is the slower one.
 PACK_MIN_OUTPUT = 256
+# float32 output layers at least this wide are prepacked on every AVX-512 CPU: at SmolLM2's 49,152 tokens oneDNN's
+# product is 1.2-1.8x MKL's on an Intel Xeon too, where MKL wins the layers' products.
+PACK_WIDE_OUTPUT = 8192
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -57,27 +63,34 @@ def _plain(*modules: nn.Module) -> bool:
 
 
 @functools.cache
-def _onednn_faster(dtype: torch.dtype) -> bool:
+def _onednn_faster(dtype: torch.dtype, wide: bool = False) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     if dtype == torch.bfloat16:
         # Where this holds (AVX-512 or Arm bf16 CPUs) torch sends bf16 products to oneDNN anyway; packing skips
-        # the per-call weight reorder (1.3-1.6x at SmolLM2's shapes on an AVX512-BF16 EPYC).
+        # the per-call weight reorder (1.3-1.6x at SmolLM2's shapes on an AVX512-BF16 EPYC, ~2x with AMX).
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype != torch.float32 or "avx512f" not in cpu_flags():
+        return False  # on an AVX2-only EPYC oneDNN's fp32 products were 5-60% slower than MKL's
     # MKL's sgemm takes its AVX2 kernels on AMD CPUs: on an AVX-512 EPYC oneDNN's prepacked fp32 products are
-    # 1.7-3x faster at the decoder's shapes (16-128 rows); on an AVX2-only EPYC they were 5-60% slower.
-    return dtype == torch.float32 and "avx512f" in cpu_flags()
+    # 1.7-3x faster at the decoder's shapes (16-128 rows). On an Intel Xeon MKL's own AVX-512 kernels on
+    # transposed weights are 1.1-2.5x faster than oneDNN's, except for a wide output layer.
+    return wide or cpu_vendor() != "GenuineIntel"
 
 
-def packs_weights(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+def packs_weights(dtype: torch.dtype, device: torch.device | str = "cpu", out_features: int | None = None) -> bool:
     """Whether the decoder prepacks ``dtype`` projection weights for oneDNN on ``device``: on CPU where oneDNN's
-    kernels are the faster ones (float32 on AVX-512 CPUs, bf16 where torch runs bf16 products on oneDNN).
+    kernels are the faster ones (float32 on AVX-512 CPUs other than Intel's, and float32 output layers of
+    :data:`PACK_WIDE_OUTPUT` or more tokens on any AVX-512 CPU; bf16 where torch runs bf16 products on oneDNN).
+    ``out_features`` is given for the output layer, which stays on the BLAS below :data:`PACK_MIN_OUTPUT` tokens.
     ``PAVLIT_ONEDNN=0`` turns it off, ``PAVLIT_ONEDNN=1`` forces it for float32 and bf16."""
     if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return False
+    if out_features is not None and out_features < PACK_MIN_OUTPUT:
+        return False
     setting = env_switch("PAVLIT_ONEDNN")
     if setting is None:
-        return _onednn_faster(dtype)
+        return _onednn_faster(dtype, wide=out_features is not None and out_features >= PACK_WIDE_OUTPUT)
     return setting and torch.backends.mkldnn.is_available()
 
 
@@ -89,15 +102,28 @@ def _packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[Any
     return (lambda x: linear(x, packed, bias, "none", [], "")), packed
 
 
+def _blas_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[Any, torch.Tensor | None]:
+    """``x -> x @ weight^T + bias`` through the BLAS, and the weight the native step takes (bias-free only): on
+    CPU ``weight^T`` copied once into a contiguous ``[in, out]`` tensor, so the product has no transposed operand."""
+    weight = weight.detach()
+    if bias is not None:
+        return (lambda x: F.linear(x, weight, bias)), None
+    if weight.device.type != "cpu":
+        return (lambda x: F.linear(x, weight)), None  # the native step is CPU only
+    weight_t = weight.t().contiguous()
+    return (lambda x: x @ weight_t), weight_t
+
+
 def _projection(module: nn.Module, pack: bool = False) -> tuple[Any, torch.Tensor | None]:
     """A callable equal to ``module`` that skips ``nn.Module.__call__`` for plain linear layers (prepacked for
-    oneDNN with ``pack``), and the weight the native step takes (bias-free plain linears), else ``None``."""
+    oneDNN with ``pack``), and the weight the native step takes (bias-free plain linears: prepacked, or
+    transposed ``[in, out]``), else ``None``."""
     if type(module) is nn.Linear:
         weight, bias = module.weight, module.bias
         if pack:
             linear, packed = _packed_linear(weight, None if bias is None else bias.detach())
             return linear, (packed if bias is None else None)
-        return (lambda x: F.linear(x, weight, bias)), (weight.detach() if bias is None else None)
+        return _blas_linear(weight, None if bias is None else bias.detach())
     return module, None
 
 
@@ -115,7 +141,7 @@ def _fused(
     if pack:
         linear, weight = _packed_linear(weight, bias)
         return linear, (weight if bias is None else None)
-    return (lambda x: F.linear(x, weight, bias)), (weight if bias is None else None)
+    return _blas_linear(weight, bias)
 
 
 def _rms_norm_weight(module: nn.Module) -> tuple[torch.Tensor, float] | None:
@@ -133,8 +159,9 @@ def _residual(module: nn.Module, pack: bool = False) -> tuple[Any, torch.Tensor 
         if pack:
             linear, packed = _packed_linear(module.weight, None)
             return (lambda residual, x: linear(x).add_(residual)), packed
-        weight_t = module.weight.t()
-        return (lambda residual, x: torch.addmm(residual, x, weight_t)), module.weight.detach()
+        weight = module.weight.detach()
+        weight_t = weight.t().contiguous() if weight.device.type == "cpu" else weight.t()
+        return (lambda residual, x: torch.addmm(residual, x, weight_t)), weight_t
     return (lambda residual, x: residual + module(x)), None
 
 
@@ -238,7 +265,7 @@ class DecodeWeights:
         self.final_norm = _norm(backbone.norm)
         head = inner.lm_head
         weight = getattr(head, "weight", None)
-        pack = weight is not None and weight.shape[0] >= PACK_MIN_OUTPUT and packs_weights(weight.dtype, weight.device)
+        pack = weight is not None and packs_weights(weight.dtype, weight.device, out_features=weight.shape[0])
         self.lm_head, head_weight = _projection(head, pack)
         self.heads, self.kv_heads = heads, kv_heads
         # The native step's flat weight list (6 per layer) and epsilon, when every layer qualifies.

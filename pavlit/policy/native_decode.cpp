@@ -83,11 +83,11 @@ inline void own_values_into(const float* p, const float* values, int64_t n, int6
   }
 }
 
-// x @ w^T. A weight prepacked into oneDNN's blocked layout (an MKLDNN tensor: pavlit/policy/decode_weights.py
-// packs them where oneDNN's kernels are the faster ones) goes through oneDNN's linear; a plain weight through
-// ATen's (the BLAS).
+// x @ W^T for a layer's weight W [out, in]. A weight prepacked into oneDNN's blocked layout (an MKLDNN tensor:
+// pavlit/policy/decode_weights.py packs them where oneDNN's kernels are the faster ones) goes through oneDNN's
+// linear; a plain one is W^T itself, [in, out] and contiguous, and goes through ATen's mm (the BLAS).
 torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w) {
-  if (!w.is_mkldnn()) return at::linear(x, w);
+  if (!w.is_mkldnn()) return at::mm(x, w);
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
@@ -98,7 +98,7 @@ torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w) {
 
 // residual + x @ w^T (one addmm for a plain weight).
 torch::Tensor project_add(const torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& w) {
-  if (!w.is_mkldnn()) return at::addmm(residual, x, w.t());
+  if (!w.is_mkldnn()) return at::addmm(residual, x, w);
   return project(x, w).add_(residual);
 }
 
@@ -124,8 +124,8 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 }  // namespace
 
 // hidden [G*S, hidden] (updated and returned); rope [G, 2, d] (cos, sign-folded sin at each group's position);
-// per layer: weights (6 each: input norm, post-attention norm, fused qkv [N, hidden], o [hidden, H*d],
-// fused gate-up [2I, hidden], down [hidden, I]), prefix keys^T [G*kv, d, W], prefix values [G*kv, W, d],
+// per layer: weights (6 each: input norm, post-attention norm, and the products' weights transposed or prepacked
+// (see project): fused qkv [hidden, N], o [H*d, hidden], fused gate-up [hidden, 2I], down [I, hidden]), prefix keys^T [G*kv, d, W], prefix values [G*kv, W, d],
 // suffix keys and values [G, kv, S, capacity, d]; bias [G*kv, 1, W] (additive padding mask) or undefined.
 torch::Tensor layers_step(torch::Tensor hidden, torch::Tensor rope, const std::vector<torch::Tensor>& weights,
                           const std::vector<torch::Tensor>& prefix_keys_t,

@@ -52,6 +52,19 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset()
 
 
+def cpu_vendor(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's ``vendor_id`` from ``/proc/cpuinfo`` (``GenuineIntel``, ``AuthenticAMD``; empty where unknown)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id":
+            return value.strip()
+    return ""
+
+
 def choose_dtype(cuda_bf16: bool, flags: frozenset[str] | set[str]) -> tuple[torch.dtype, str]:
     """The ``auto`` rule as a pure function: the dtype and the reason, from what the machine offers.
 
