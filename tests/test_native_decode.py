@@ -85,22 +85,34 @@ def test_compiled_step_gives_the_plain_torch_samples(
 
 
 @needs_native
-def test_compiled_step_logits_match_step_by_step(gqa_model, tokenizer, monkeypatch) -> None:
-    """Drive two decoders over the same prefill and tokens; every step's logits agree to float32 rounding."""
+@pytest.mark.parametrize("compact_fraction", [0.25, 0.01])  # the default; a compaction at almost every stop
+def test_compiled_step_logits_match_step_by_step(gqa_model, tokenizer, monkeypatch, compact_fraction) -> None:
+    """Drive two decoders over the same prefill and tokens; every step's logits agree to float32 rounding, also
+    across compactions (where the compiled step keeps its caches in place and re-maps the slots)."""
     logits: dict[bool, list[torch.Tensor]] = {}
     for compiled in (False, True):
         decoders = _decoders(monkeypatch)
-        seen = []
-        step = fast_decode.GroupedDecoder.step
+        seen, selects = [], []
+        step, select = fast_decode.GroupedDecoder.step, fast_decode.GroupedDecoder.select
 
         def keep(self, tokens, step=step, seen=seen):
             out = step(self, tokens)
             seen.append(out.clone())
             return out
 
+        def watch(self, rows, select=select, selects=selects):
+            caches = [t.data_ptr() for t in self.suffix_keys + self.suffix_values]
+            select(self, rows)
+            selects.append(caches == [t.data_ptr() for t in self.suffix_keys + self.suffix_values])
+
         monkeypatch.setattr(fast_decode.GroupedDecoder, "step", keep)
-        Sampler(gqa_model, tokenizer, max_new_tokens=16, native=compiled).complete(PROMPTS, n=4, seed=1)
+        monkeypatch.setattr(fast_decode.GroupedDecoder, "select", watch)
+        sampler = Sampler(gqa_model, tokenizer, max_new_tokens=16, native=compiled)
+        sampler.compact_fraction = compact_fraction
+        sampler.complete(PROMPTS, n=4 if compact_fraction > 0.1 else 12, seed=1)
         assert {d.native is not None for d in decoders} == {compiled}
+        if compact_fraction < 0.1:
+            assert len(selects) >= 2 and set(selects) == {compiled}  # compiled: no KV moved; plain: copied
         logits[compiled] = seen
         monkeypatch.undo()
     assert len(logits[True]) == len(logits[False]) > 5

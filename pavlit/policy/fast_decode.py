@@ -9,7 +9,9 @@ same arithmetic in about twenty tensor operations per layer:
   prompt, and a prompt with more samples spans several groups (``S`` is chosen by :meth:`GroupedDecoder.slots_for`
   to trade holes against groups), so the layers run on one ``[G*S, hidden]`` matrix and attention needs no
   gather or scatter; a group with fewer live samples leaves *holes* (slots computed and ignored) until the next
-  compaction re-packs the rows;
+  compaction re-packs the rows (the plain path copies each row's generated KV into the new layout; the compiled
+  step keeps one cache row per sample for the whole decode and reaches it through a slot-to-row index, so
+  compaction moves no KV there);
 * the prompt KV (computed once by the HF prefill) stays **one copy per prompt** (groups of one prompt index the
   same tensors, copied once per re-packing): one batched GEMM per layer scores all ``S`` slots of every group
   against its prompt's prefix (with ``baddbmm`` adding the left-padding mask), and one
@@ -97,9 +99,6 @@ class GroupedDecoder:
         self.row_prompt = torch.repeat_interleave(torch.arange(prompts, device=self.device), counts)
         self.group_prompt = None
         self._set_layout(self.row_prompt)
-        shape = (self.groups, kv, self.slots, capacity, head_dim)  # group-major, like the prefix products' rows
-        self.suffix_keys = [first.new_empty(shape) for _ in weights.layers]
-        self.suffix_values = [first.new_empty(shape) for _ in weights.layers]
         self.length = 0
         # The layers as one compiled call per token where the model and machine allow (pavlit.policy.native).
         self.native = None
@@ -108,6 +107,16 @@ class GroupedDecoder:
             from pavlit.policy import native
 
             self.native = native.load() if self.dtype == torch.float32 else None
+        if self.native is not None:
+            # One cache row per sample for the whole decode, [rows, kv, capacity, d]: slots find theirs through
+            # slot_cache (-1: a hole), so dropping finished rows re-packs the slots without moving any KV.
+            shape = (self.rows, kv, capacity, head_dim)
+            self.row_cache = torch.arange(self.rows, device=self.device)
+            self._place_cache_rows()
+        else:
+            shape = (self.groups, kv, self.slots, capacity, head_dim)  # group-major, like the prefix products' rows
+        self.suffix_keys = [first.new_empty(shape) for _ in weights.layers]
+        self.suffix_values = [first.new_empty(shape) for _ in weights.layers]
 
     @staticmethod
     def _fold_sign(sin: torch.Tensor) -> torch.Tensor:
@@ -168,11 +177,21 @@ class GroupedDecoder:
         """Real rows (samples still decoded)."""
         return self.row_slot.shape[0]
 
+    def _place_cache_rows(self) -> None:
+        """The compiled step's ``slot_cache``: each slot's row of the own-KV caches, ``-1`` for a hole."""
+        self.slot_cache = torch.full((self.groups * self.slots,), -1, dtype=torch.long, device=self.device)
+        self.slot_cache[self.row_slot] = self.row_cache
+
     def select(self, keep: torch.Tensor) -> None:
-        """Keep only rows ``keep`` (increasing indices); groups are re-packed around the rows left."""
+        """Keep only rows ``keep`` (increasing indices); groups are re-packed around the rows left (the plain
+        path copies their KV into the new layout; the compiled step's caches stay where they are)."""
         old_slot, old_slots = self.row_slot[keep], self.slots
         self.row_prompt = self.row_prompt[keep]
         group_first = self._set_layout(self.row_prompt)
+        if self.native is not None:
+            self.row_cache = self.row_cache[keep]
+            self._place_cache_rows()
+            return
         source = old_slot[group_first].repeat_interleave(self.slots)  # holes copy their group's first row
         source[self.row_slot] = old_slot
         t, groups, slots = self.length, self.groups, self.slots
@@ -228,6 +247,7 @@ class GroupedDecoder:
             self.bias,
             self.suffix_keys,
             self.suffix_values,
+            self.slot_cache,
             t,
             self.groups,
             self.slots,

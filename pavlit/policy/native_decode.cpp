@@ -6,8 +6,9 @@
 // of attention with the joint softmax, SiLU-and-multiply - is one loop each, without Python and without the GIL.
 //
 // Layouts are the grouped decoder's: rows are [group, slot]; a group's queries for kv head h are rows
-// (slot, rep) of one [S*rep, d] block, scored against its prompt's prefix keys in one batched product; each
-// row's own generated keys and values live in [G, kv, S, capacity, d] caches.
+// (slot, rep) of one [S*rep, d] block, scored against its prompt's prefix keys in one batched product. Each
+// row's own generated keys and values live in [R, kv, capacity, d] caches, R = the rows the batch started with:
+// a slot reads and writes its row's cache row through slot_cache, so dropping finished rows moves no KV.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -125,16 +126,19 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 
 // hidden [G*S, hidden] (updated and returned); rope [G, 2, d] (cos, sign-folded sin at each group's position);
 // per layer: weights (6 each: input norm, post-attention norm, and the products' weights transposed or prepacked
-// (see project): fused qkv [hidden, N], o [H*d, hidden], fused gate-up [hidden, 2I], down [I, hidden]), prefix keys^T [G*kv, d, W], prefix values [G*kv, W, d],
-// suffix keys and values [G, kv, S, capacity, d]; bias [G*kv, 1, W] (additive padding mask) or undefined.
+// (see project): fused qkv [hidden, N], o [H*d, hidden], fused gate-up [hidden, 2I], down [I, hidden]),
+// prefix keys^T [G*kv, d, W] and prefix values [G*kv, W, d];
+// own keys and values [R, kv, capacity, d] and slot_cache [G*S] (each slot's cache row, -1 for a hole: it
+// attends to its prefix only and writes nothing); bias [G*kv, 1, W] (additive padding mask) or undefined.
 torch::Tensor layers_step(torch::Tensor hidden, torch::Tensor rope, const std::vector<torch::Tensor>& weights,
                           const std::vector<torch::Tensor>& prefix_keys_t,
                           const std::vector<torch::Tensor>& prefix_values, const c10::optional<torch::Tensor>& bias,
-                          const std::vector<torch::Tensor>& suffix_keys,
-                          const std::vector<torch::Tensor>& suffix_values, int64_t t, int64_t groups, int64_t slots,
-                          int64_t heads, int64_t kv, double eps) {
-  const int64_t layers = static_cast<int64_t>(suffix_keys.size());
-  const int64_t d = suffix_keys[0].size(4), capacity = suffix_keys[0].size(3);
+                          const std::vector<torch::Tensor>& own_keys_cache,
+                          const std::vector<torch::Tensor>& own_values_cache, const torch::Tensor& slot_cache,
+                          int64_t t, int64_t groups, int64_t slots, int64_t heads, int64_t kv, double eps) {
+  const int64_t layers = static_cast<int64_t>(own_keys_cache.size());
+  const int64_t d = own_keys_cache[0].size(3), capacity = own_keys_cache[0].size(2);
+  const int64_t* cache_row = slot_cache.data_ptr<int64_t>();
   const int64_t rep = heads / kv, half = d / 2, rows = groups * slots;
   const int64_t width = prefix_values[0].size(1), own = t + 1;  // prefix keys; the row's own tokens so far
   const int64_t qkv_width = (heads + 2 * kv) * d;
@@ -153,15 +157,15 @@ torch::Tensor layers_step(torch::Tensor hidden, torch::Tensor rope, const std::v
     auto queries = torch::empty({groups * kv, slots * rep, d}, hidden.options());
     float* q_p = queries.data_ptr<float>();
     const float* qkv_p = qkv.data_ptr<float>();
-    float* keys_p = suffix_keys[layer].data_ptr<float>();
-    float* values_p = suffix_values[layer].data_ptr<float>();
+    float* keys_p = own_keys_cache[layer].data_ptr<float>();
+    float* values_p = own_values_cache[layer].data_ptr<float>();
 
     // RoPE on q and k; q into the grouped query blocks, k and v into each row's cache slot t.
     {
     RECORD_FUNCTION("pavlit::rope_and_cache", std::vector<c10::IValue>());
     at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        const int64_t g = row / slots, s = row % slots;
+        const int64_t g = row / slots, s = row % slots, c = cache_row[row];
         const float* cos = rope_p + g * 2 * d;
         const float* sin = cos + d;
         const float* src = qkv_p + row * qkv_width;
@@ -171,15 +175,17 @@ torch::Tensor layers_step(torch::Tensor hidden, torch::Tensor rope, const std::v
           if (h < heads) {
             const int64_t kvh = h / rep, r = h % rep;
             dst = q_p + ((g * kv + kvh) * slots * rep + s * rep + r) * d;
+          } else if (c >= 0) {
+            dst = keys_p + ((c * kv + (h - heads)) * capacity + t) * d;
           } else {
-            dst = keys_p + (((g * kv + (h - heads)) * slots + s) * capacity + t) * d;
+            continue;  // a hole keeps no KV
           }
           for (int64_t i = 0; i < half; ++i) dst[i] = x[i] * cos[i] + x[i + half] * sin[i];
           for (int64_t i = half; i < d; ++i) dst[i] = x[i] * cos[i] + x[i - half] * sin[i];
         }
-        for (int64_t h = 0; h < kv; ++h) {
+        for (int64_t h = 0; h < kv && c >= 0; ++h) {
           const float* x = src + (heads + kv + h) * d;
-          float* dst = values_p + (((g * kv + h) * slots + s) * capacity + t) * d;
+          float* dst = values_p + ((c * kv + h) * capacity + t) * d;
           for (int64_t i = 0; i < d; ++i) dst[i] = x[i];
         }
       }
@@ -195,8 +201,10 @@ torch::Tensor layers_step(torch::Tensor hidden, torch::Tensor rope, const std::v
     RECORD_FUNCTION("pavlit::suffix_scores_softmax", std::vector<c10::IValue>());
     at::parallel_for(0, groups * kv, 1, [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
+        const int64_t g = block / kv, kvh = block % kv;
         for (int64_t s = 0; s < slots; ++s) {
-          const float* own_keys = keys_p + (block * slots + s) * capacity * d;
+          const int64_t c = cache_row[g * slots + s], n = c >= 0 ? own : 0;
+          const float* own_keys = keys_p + (std::max<int64_t>(c, 0) * kv + kvh) * capacity * d;
           for (int64_t r = 0; r < rep; ++r) {
             const int64_t query = block * slots * rep + s * rep + r;
             const float* q = q_p + query * d;
@@ -204,20 +212,20 @@ torch::Tensor layers_step(torch::Tensor hidden, torch::Tensor rope, const std::v
             float* mine = own_p + query * own;
             float top = -INFINITY;
             for (int64_t j = 0; j < width; ++j) top = std::max(top, prefix[j]);
-            for (int64_t j = 0; j < own; ++j) {
+            for (int64_t j = 0; j < n; ++j) {
               mine[j] = dot(q, own_keys + j * d, d);
               top = std::max(top, mine[j]);
             }
             for (int64_t j = 0; j < width; ++j) prefix[j] -= top;
-            for (int64_t j = 0; j < own; ++j) mine[j] -= top;
+            for (int64_t j = 0; j < n; ++j) mine[j] -= top;
             exp_inplace(prefix, width);
-            exp_inplace(mine, own);
+            exp_inplace(mine, n);
             float total = 0.f;
             for (int64_t j = 0; j < width; ++j) total += prefix[j];
-            for (int64_t j = 0; j < own; ++j) total += mine[j];
+            for (int64_t j = 0; j < n; ++j) total += mine[j];
             const float inv = 1.f / total;
             for (int64_t j = 0; j < width; ++j) prefix[j] *= inv;
-            for (int64_t j = 0; j < own; ++j) mine[j] *= inv;
+            for (int64_t j = 0; j < n; ++j) mine[j] *= inv;
           }
         }
       }
@@ -233,11 +241,12 @@ torch::Tensor layers_step(torch::Tensor hidden, torch::Tensor rope, const std::v
       for (int64_t block = begin; block < end; ++block) {
         const int64_t g = block / kv, kvh = block % kv;
         for (int64_t s = 0; s < slots; ++s) {
-          const float* own_values = values_p + (block * slots + s) * capacity * d;
+          const int64_t c = cache_row[g * slots + s], n = c >= 0 ? own : 0;
+          const float* own_values = values_p + (std::max<int64_t>(c, 0) * kv + kvh) * capacity * d;
           for (int64_t r = 0; r < rep; ++r) {
             const int64_t query = block * slots * rep + s * rep + r;
             float* dst = attended_p + (g * slots + s) * heads * d + (kvh * rep + r) * d;
-            own_values_into(own_p + query * own, own_values, own, d, prefix_out_p + query * d, dst);
+            own_values_into(own_p + query * own, own_values, n, d, prefix_out_p + query * d, dst);
           }
         }
       }
@@ -270,21 +279,22 @@ torch::Tensor layers_step(torch::Tensor hidden, torch::Tensor rope, const std::v
 
 // One whole step: tokens [real rows] (placed into their slots [G*S] when row_slot is given: the other slots are
 // holes, fed token 0 and dropped before the output layer); rope_table [reach, 2, d] read at positions [G];
-// weights = [embedding, final norm, output layer] + 6 per layer (see layers_step). Returns logits [real rows, V].
+// weights = [embedding, final norm, output layer] + 6 per layer; the caches and slot_cache as in layers_step.
+// Returns logits [real rows, V].
 torch::Tensor decode_step(torch::Tensor tokens, const c10::optional<torch::Tensor>& row_slot, torch::Tensor rope_table,
                           torch::Tensor positions, const std::vector<torch::Tensor>& weights,
                           const std::vector<torch::Tensor>& prefix_keys_t,
                           const std::vector<torch::Tensor>& prefix_values, const c10::optional<torch::Tensor>& bias,
-                          const std::vector<torch::Tensor>& suffix_keys,
-                          const std::vector<torch::Tensor>& suffix_values, int64_t t, int64_t groups, int64_t slots,
-                          int64_t heads, int64_t kv, double eps) {
+                          const std::vector<torch::Tensor>& own_keys_cache,
+                          const std::vector<torch::Tensor>& own_values_cache, const torch::Tensor& slot_cache,
+                          int64_t t, int64_t groups, int64_t slots, int64_t heads, int64_t kv, double eps) {
   const bool holes = row_slot.has_value() && row_slot->defined();
   if (holes) tokens = at::zeros({groups * slots}, tokens.options()).index_copy_(0, *row_slot, tokens);
   auto hidden = at::embedding(weights[0], tokens).contiguous();
   auto rope = rope_table.index_select(0, positions).contiguous();
   std::vector<torch::Tensor> layer_weights(weights.begin() + 3, weights.end());
-  hidden = layers_step(hidden, rope, layer_weights, prefix_keys_t, prefix_values, bias, suffix_keys, suffix_values, t,
-                       groups, slots, heads, kv, eps);
+  hidden = layers_step(hidden, rope, layer_weights, prefix_keys_t, prefix_values, bias, own_keys_cache,
+                       own_values_cache, slot_cache, t, groups, slots, heads, kv, eps);
   if (holes) hidden = hidden.index_select(0, *row_slot);
   return project(rms_norm(hidden.contiguous(), weights[1], eps), weights[2]);
 }
@@ -354,8 +364,6 @@ torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor draws, double temp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("layers_step", &layers_step, "The grouped decoder's layers for one token (float32, CPU)",
-        py::call_guard<py::gil_scoped_release>());
   m.def("decode_step", &decode_step, "One token of the grouped decoder, embedding to logits (float32, CPU)",
         py::call_guard<py::gil_scoped_release>());
   m.def("sample_rows", &sample_rows, "One token per row by inverting softmax(logits / T)'s cumulative distribution",
