@@ -209,3 +209,38 @@ def test_compiled_sampling_of_rows_without_mass_and_one_token() -> None:
     one = torch.full((2, 9), -torch.inf)
     one[:, 3] = 0.0
     assert module.sample_rows(one, draw, 1.0).tolist() == [3, 3]
+
+
+def test_cache_buffers_reuse_their_memory_up_to_the_limit() -> None:
+    buffers = fast_decode.CacheBuffers(limit_bytes=4 * 2 * 3 * 5 * 4)
+    first = buffers.take(4, (2, 3, 5), torch.float32, torch.device("cpu"))
+    again = buffers.take(2, (3, 5), torch.float32, torch.device("cpu"))  # smaller: the same memory
+    assert [t.shape for t in first] == [(2, 3, 5)] * 4 and all(t.is_contiguous() for t in first)
+    assert len({t.data_ptr() for t in first}) == 4  # disjoint views
+    assert again[0].data_ptr() == first[0].data_ptr()
+    over = buffers.take(5, (2, 3, 5), torch.float32, torch.device("cpu"))  # over the limit: fresh tensors
+    assert over[0].data_ptr() != first[0].data_ptr()
+    assert buffers.take(1, (2,), torch.float32, torch.device("cpu"))[0].data_ptr() == first[0].data_ptr()
+
+
+@needs_native
+def test_reused_cache_memory_leaves_samples_unchanged(gqa_model, tokenizer, monkeypatch) -> None:
+    """A batch's caches reuse the previous batch's memory (its KV still in it): the samples must be those of a
+    sampler that allocates fresh caches, call after call."""
+    reused = Sampler(gqa_model, tokenizer, max_new_tokens=20)
+    taken = []
+    take = fast_decode.CacheBuffers.take
+
+    def record(self, *args):
+        out = take(self, *args)
+        taken.append(out[0].data_ptr())
+        return out
+
+    monkeypatch.setattr(fast_decode.CacheBuffers, "take", record)
+    first = [reused.complete(PROMPTS, n=6, seed=seed, return_logprobs=True) for seed in (1, 2)]
+    assert len(taken) == 2 and taken[0] == taken[1]  # the second call ran in the first call's memory
+    monkeypatch.setattr(fast_decode, "REUSE_LIMIT_BYTES", 0)
+    fresh = Sampler(gqa_model, tokenizer, max_new_tokens=20)
+    for seed, got in zip((1, 2), first):
+        _assert_same(fresh.complete(PROMPTS, n=6, seed=seed, return_logprobs=True), got)
+    assert [buffers._flat for buffers in fresh._free_buffers] == [None]  # it kept no memory: fresh caches each call

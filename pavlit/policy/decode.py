@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel
 
 from pavlit.policy import native
-from pavlit.policy.fast_decode import DecodeWeights, GroupedDecoder
+from pavlit.policy.fast_decode import CacheBuffers, DecodeWeights, GroupedDecoder
 from pavlit.policy.kv_cache import new_cache
 from pavlit.policy.records import STOP_EOS, STOP_LENGTH, Request
 from pavlit.policy.sampling import sample_tokens, token_logprobs
@@ -134,8 +134,9 @@ def prefill(sampler: Sampler, prompts: list[list[int]], counts: torch.Tensor, ma
     return Batch(out.logits[:, -1, :], cache, None, counts, mask2d, positions, width, padded)
 
 
-def expand(sampler: Sampler, batch: Batch, max_new_tokens: int) -> None:
-    """Give every sample its row; rows of the same prompt share the prefix's KV (in place on ``batch``)."""
+def expand(sampler: Sampler, batch: Batch, max_new_tokens: int, buffers: CacheBuffers | None = None) -> None:
+    """Give every sample its row; rows of the same prompt share the prefix's KV (in place on ``batch``); the
+    grouped decoder's caches may reuse ``buffers``."""
     n_prompts, rows = batch.logits.shape[0], int(batch.counts.sum())
     expand_index = torch.repeat_interleave(torch.arange(n_prompts, device=sampler.device), batch.counts)
     cache = batch.cache
@@ -151,6 +152,7 @@ def expand(sampler: Sampler, batch: Batch, max_new_tokens: int) -> None:
             batch.counts,
             max_new_tokens,
             native=sampler.native,
+            buffers=buffers,
         )
         batch.cache = None  # the decoder holds the prompts' KV now
     elif n_prompts != rows:
@@ -226,30 +228,9 @@ def step(sampler: Sampler, batch: Batch, tokens: torch.Tensor, t: int) -> None:
     batch.position = batch.position + 1
 
 
-@torch.inference_mode()
-def decode_batch(
-    sampler: Sampler,
-    prompts: list[list[int]],
-    counts: list[int],
-    request: Request,
-    generator: torch.Generator | None = None,
-) -> tuple[list[list[int]], list[str], list[list[float]] | None, int]:
-    """Decode ``counts[k]`` samples of ``prompts[k]`` together, every draw from ``generator`` (default: the
-    sampler's).
-
-    Returns per-row token ids, stop reasons and log-probs (or ``None``), and the prompt tokens prefilled.
-    """
+def _decode_rows(sampler: Sampler, batch: Batch, n_rows: int, request: Request, generator: torch.Generator) -> Rows:
+    """The token loop over an expanded batch: sample, record, stop, compact, step; the call's rows."""
     device, max_new_tokens = sampler.device, request.max_new_tokens
-    generator = sampler.generator if generator is None else generator
-    counts_t = torch.tensor(counts, device=device)
-    if not sampler.share_prefix:
-        # Unshared: every sample prefills its own copy of the prompt.
-        prompts = [ids for ids, count in zip(prompts, counts) for _ in range(count)]
-        counts_t = torch.ones(len(prompts), dtype=torch.long, device=device)
-    n_rows = int(counts_t.sum())
-    batch = prefill(sampler, prompts, counts_t, max_new_tokens)
-    expand(sampler, batch, max_new_tokens)
-
     # The call's rows; the loop's own rows are these very tensors until the first compaction, copies after it.
     out = Rows(
         tokens=torch.full((n_rows, max_new_tokens), sampler.pad_id, dtype=torch.long, device=device),
@@ -276,7 +257,7 @@ def decode_batch(
         n_now = rows.alive.shape[0]
         stale = n_now - n_alive
         if stale and stale >= sampler.compact_fraction * n_now:
-            # Drop finished rows once enough of the batch is dead weight (compaction copies the cache).
+            # Drop finished rows once enough of the batch is dead weight (the plain paths copy their KV).
             if compacted:
                 rows.write_to(out)
             compacted = True  # until the first drop, the loop's tensors are the call's own (nothing to write)
@@ -286,6 +267,38 @@ def decode_batch(
         step(sampler, batch, tokens, t)
     if compacted:
         rows.write_to(out)
+    return out
+
+
+@torch.inference_mode()
+def decode_batch(
+    sampler: Sampler,
+    prompts: list[list[int]],
+    counts: list[int],
+    request: Request,
+    generator: torch.Generator | None = None,
+) -> tuple[list[list[int]], list[str], list[list[float]] | None, int]:
+    """Decode ``counts[k]`` samples of ``prompts[k]`` together, every draw from ``generator`` (default: the
+    sampler's).
+
+    Returns per-row token ids, stop reasons and log-probs (or ``None``), and the prompt tokens prefilled.
+    """
+    device, max_new_tokens = sampler.device, request.max_new_tokens
+    generator = sampler.generator if generator is None else generator
+    counts_t = torch.tensor(counts, device=device)
+    if not sampler.share_prefix:
+        # Unshared: every sample prefills its own copy of the prompt.
+        prompts = [ids for ids, count in zip(prompts, counts) for _ in range(count)]
+        counts_t = torch.ones(len(prompts), dtype=torch.long, device=device)
+    n_rows = int(counts_t.sum())
+    batch = prefill(sampler, prompts, counts_t, max_new_tokens)
+    buffers = sampler._take_buffers()
+    try:
+        expand(sampler, batch, max_new_tokens, buffers)
+        out = _decode_rows(sampler, batch, n_rows, request, generator)
+    finally:
+        batch.decoder = None  # nothing may write to the buffers once they are back in the sampler's pool
+        sampler._give_buffers(buffers)
 
     lengths = out.lengths.tolist()
     generated = out.tokens.tolist()

@@ -32,7 +32,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pavlit.policy.decode import decode_batch, forward_kwargs, plan
-from pavlit.policy.fast_decode import SUPPORTED_ARCHITECTURES, DecodeWeights, supports_fast_decode
+from pavlit.policy.fast_decode import SUPPORTED_ARCHITECTURES, CacheBuffers, DecodeWeights, supports_fast_decode
 from pavlit.policy.records import (
     STOP_DELIMITER,
     STOP_EOS,
@@ -157,6 +157,7 @@ class Sampler(SamplerCalls):
         self._delimiter_tables: dict[str, tuple[torch.Tensor, bool]] = {}
         self._concurrent = True  # threads > 1 decodes its batches in threads (False: in order, same samples)
         self._lock = threading.Lock()  # lazily built state and the tokenizer, when batches decode in threads
+        self._free_buffers: list[CacheBuffers] = []  # cache memory of finished batches, for the next ones
 
     # ------------------------------------------------------------------------------------------- internals
 
@@ -171,6 +172,16 @@ class Sampler(SamplerCalls):
         if not ids:
             raise ValueError("neither the tokenizer nor the model's generation config names an eos token")
         return ids
+
+    def _take_buffers(self) -> CacheBuffers:
+        """Cache memory for one batch's decoder: a finished batch's, or new (:class:`CacheBuffers`)."""
+        with self._lock:
+            return self._free_buffers.pop() if self._free_buffers else CacheBuffers()
+
+    def _give_buffers(self, buffers: CacheBuffers) -> None:
+        """Return a batch's cache memory once its decoder is done with it."""
+        with self._lock:
+            self._free_buffers.append(buffers)
 
     def _delimiter_table(self, delimiter: str) -> tuple[torch.Tensor, bool]:
         """Per-token delimiter counts (exact) or candidate flags, and whether the counts are exact.
