@@ -244,3 +244,89 @@ def test_reused_cache_memory_leaves_samples_unchanged(gqa_model, tokenizer, monk
     for seed, got in zip((1, 2), first):
         _assert_same(fresh.complete(PROMPTS, n=6, seed=seed, return_logprobs=True), got)
     assert [buffers._flat for buffers in fresh._free_buffers] == [None]  # it kept no memory: fresh caches each call
+
+
+def _row_state(rows: int, width: int, generator: torch.Generator) -> dict:
+    """A decode loop's row state part-way through: some rows already stopped, some steps already counted."""
+    alive = torch.rand(rows, generator=generator) > 0.3
+    return {
+        "tokens": torch.randint(0, 9, (rows, width), generator=generator),
+        "lengths": torch.randint(0, 5, (rows,), generator=generator),
+        "codes": torch.where(alive, 0, torch.randint(1, 3, (rows,), generator=generator)),
+        "logprobs": torch.zeros(rows, width),
+        "steps_done": torch.randint(0, 2, (rows,), generator=generator),
+        "alive": alive,
+    }
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_steps", [None, 2])
+def test_compiled_record_and_stop_match_the_python_loop(dtype, max_steps) -> None:
+    """``record_rows`` writes the same tokens, lengths, stop codes, alive rows and step counts as the Python
+    ``stop`` bookkeeping, and log-probs to float32 rounding, over EOS tokens, delimiters and dead rows."""
+    from types import SimpleNamespace
+
+    from pavlit.policy import decode
+    from pavlit.policy.records import Request
+
+    generator = torch.Generator().manual_seed(5)
+    vocab, rows, width, t = 12, 200, 6, 3
+    is_eos = torch.zeros(vocab, dtype=torch.bool)
+    is_eos[[2, 7]] = True
+    table = torch.tensor([0, 1, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0])  # delimiter counts per token (0 for EOS)
+    sampler = SimpleNamespace(is_eos=is_eos, _delimiter_table=lambda delimiter: (table, True))
+    request = Request(step_reason="max_steps", n=1, max_new_tokens=width, max_steps=max_steps, delimiter="\n")
+    logits = (2.0 * torch.randn(rows, vocab, generator=generator)).to(dtype)
+    tokens = torch.randint(0, vocab, (rows,), generator=generator)
+    start = _row_state(rows, width, generator)
+
+    py = {key: value.clone() for key, value in start.items()}
+    expected = decode.Rows(row_ids=None, **py)
+    expected.tokens[:, t] = tokens
+    expected.logprobs[:, t] = decode.token_logprobs(logits, tokens)
+    expected.lengths += expected.alive
+    decode.stop(sampler, expected, tokens, request)
+
+    got = {key: value.clone() for key, value in start.items()}
+    n_alive = native.load().record_rows(
+        tokens, t, got["tokens"], got["lengths"], got["codes"], got["alive"], is_eos, logits, got["logprobs"],
+        got["steps_done"], table, max_steps or 0,
+    )  # fmt: skip
+    assert n_alive == int(expected.alive.sum())
+    assert 0 < n_alive < int(start["alive"].sum())  # some rows stopped here, some go on
+    for key in ("tokens", "lengths", "codes", "alive"):
+        assert torch.equal(got[key], getattr(expected, key)), key
+    if max_steps:
+        assert torch.equal(got["steps_done"], expected.steps_done)
+        assert (got["codes"] == 2).sum() > (start["codes"] == 2).sum()  # the step limit stopped rows
+    assert torch.allclose(got["logprobs"], expected.logprobs, rtol=0.0, atol=1e-5)
+
+
+@needs_native
+def test_compiled_draws_come_from_the_generator_as_in_python() -> None:
+    """``sample_and_record`` takes its uniforms from the generator exactly as ``sample_tokens`` does: the same
+    tokens, and the generator left in the same state."""
+    from pavlit.policy.sampling import sample_tokens
+
+    module = native.load()
+    logits = 2.0 * torch.randn(64, 50, generator=torch.Generator().manual_seed(1))
+    python_gen, native_gen = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    expected = sample_tokens(logits, 0.9, 1.0, python_gen)
+    state = _row_state(64, 4, torch.Generator().manual_seed(2))
+    tokens, _ = module.sample_and_record(
+        logits, native_gen, 0.9, 0, state["tokens"], state["lengths"], state["codes"], state["alive"],
+        torch.zeros(50, dtype=torch.bool), None, None, None, 0,
+    )  # fmt: skip
+    assert torch.equal(tokens, expected) and torch.equal(state["tokens"][:, 0], expected)
+    assert torch.equal(torch.rand(3, generator=native_gen), torch.rand(3, generator=python_gen))
+
+
+@needs_native
+def test_compiled_record_rejects_a_token_outside_the_vocabulary() -> None:
+    state = _row_state(2, 3, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="token 40 outside the vocabulary of 12"):
+        native.load().record_rows(
+            torch.tensor([1, 40]), 0, state["tokens"], state["lengths"], state["codes"], state["alive"],
+            torch.zeros(12, dtype=torch.bool), None, None, None, None, 0,
+        )  # fmt: skip

@@ -6,6 +6,9 @@ the model, :func:`expand` gives every sample its row (sharing the prompt's KV: t
 then per token :func:`stop` marks rows that just hit EOS or their step limit, :func:`compact` drops finished rows
 once they are a large enough share of the batch, and :func:`step` runs the next forward. All randomness is one
 :func:`~pavlit.policy.sampling.sample_tokens` draw per token, so the loop's structure leaves samples unchanged.
+With the compiled extension (:mod:`pavlit.policy.native`) the sampling side of a token - the draw, the sample,
+recording it and :func:`stop`'s rule - is one call without the GIL (``sample_and_record``, or ``record_rows``
+after a top-p or greedy draw); only a multi-character delimiter, confirmed on decoded text, keeps :func:`stop`.
 """
 
 from __future__ import annotations
@@ -244,14 +247,27 @@ def _decode_rows(sampler: Sampler, batch: Batch, n_rows: int, request: Request, 
     rows = Rows(**vars(out))
     compacted = False
     kernel = native.load() if sampler.native and device.type == "cpu" else None  # compiled sampling
+    table, exact = sampler._delimiter_table(request.delimiter) if request.max_steps else (None, True)
+    fused = kernel is not None and exact  # the compiled record-and-stop (a multi-token delimiter stays here)
+    compiled_draw = fused and request.temperature > 0 and request.top_p >= 1.0  # and sample_rows' draws too
     for t in range(max_new_tokens):
-        tokens = sample_tokens(batch.logits, request.temperature, request.top_p, generator, kernel)
-        rows.tokens[:, t] = tokens
-        if rows.logprobs is not None:
-            rows.logprobs[:, t] = token_logprobs(batch.logits, tokens)
-        rows.lengths += rows.alive
-        stop(sampler, rows, tokens, request)
-        n_alive = int(rows.alive.sum())  # the one host sync per token
+        state = (t, rows.tokens, rows.lengths, rows.codes, rows.alive, sampler.is_eos)
+        steps = (rows.steps_done, table, request.max_steps or 0)
+        if compiled_draw:
+            tokens, n_alive = kernel.sample_and_record(
+                batch.logits, generator, float(request.temperature), *state, rows.logprobs, *steps
+            )
+        elif fused:
+            tokens = sample_tokens(batch.logits, request.temperature, request.top_p, generator)
+            n_alive = kernel.record_rows(tokens, *state, batch.logits, rows.logprobs, *steps)
+        else:
+            tokens = sample_tokens(batch.logits, request.temperature, request.top_p, generator, kernel)
+            rows.tokens[:, t] = tokens
+            if rows.logprobs is not None:
+                rows.logprobs[:, t] = token_logprobs(batch.logits, tokens)
+            rows.lengths += rows.alive
+            stop(sampler, rows, tokens, request)
+            n_alive = int(rows.alive.sum())  # the one host sync per token
         if n_alive == 0 or t == max_new_tokens - 1:
             break
         n_now = rows.alive.shape[0]

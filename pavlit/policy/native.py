@@ -5,6 +5,8 @@ small model most of a step's time is their Python and dispatch overhead, and the
 products (RMSNorm, RoPE and the KV write, the suffix attention and joint softmax, SiLU-and-multiply) read the
 same small tensors again and again. The extension keeps the products as ATen calls and does the rest in one
 loop each, and releases the GIL, so :class:`~pavlit.policy.sampler.Sampler` threads decode truly in parallel.
+The token loop's sampling side (draw, sample, record, the EOS and step-limit stop) is one more call per token
+(``sample_and_record``), so two decoding threads hand the GIL back and forth a few times per token, not ~twenty.
 
 It is compiled with ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``; ~40 s once, cached under
 torch's extension folder, one build per source, torch version and CPU feature set). Without a compiler, or with
