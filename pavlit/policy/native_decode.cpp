@@ -363,20 +363,6 @@ torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor draws, double temp
   return picked;
 }
 
-namespace {
-
-// log softmax(row)[token] for one row of raw logits (temperature 1): the sum of exp(l - max) in float64.
-template <typename T>
-double row_logprob(const T* row, int64_t vocab, int64_t token) {
-  float top = -INFINITY;
-  for (int64_t j = 0; j < vocab; ++j) top = std::max(top, static_cast<float>(row[j]));
-  double total = 0.0;
-  for (int64_t j = 0; j < vocab; ++j) total += std::exp(static_cast<double>(static_cast<float>(row[j]) - top));
-  return static_cast<double>(static_cast<float>(row[token]) - top) - std::log(total);
-}
-
-}  // namespace
-
 // The token loop's bookkeeping for one new token per row (pavlit/policy/decode.py's record and stop, same rule):
 // write tokens [rows] into column t of generated [rows, T] (and their log-probabilities under logits [rows, V]
 // into logprobs, when given); lengths += alive; a row stops on an EOS token (codes = 1) or, with max_steps > 0,
@@ -417,26 +403,25 @@ int64_t record_rows(const torch::Tensor& tokens, int64_t t, torch::Tensor genera
   }
   const bool want_logprobs = logprobs.has_value() && logprobs->defined();
   torch::Tensor logit_t;
-  float* lp = nullptr;
   if (want_logprobs) {
     TORCH_CHECK(logits.has_value() && logprobs->is_contiguous() && logprobs->scalar_type() == torch::kFloat32,
                 "record_rows: log-probs need the logits and a contiguous float32 logprobs tensor");
     logit_t = logits->contiguous();
     TORCH_CHECK(logit_t.scalar_type() == torch::kFloat32 || logit_t.scalar_type() == torch::kBFloat16,
                 "record_rows: float32 or bfloat16 logits");
-    lp = logprobs->data_ptr<float>();
+    TORCH_CHECK(logit_t.dim() == 2 && logit_t.size(0) == rows && logprobs->sizes() == generated.sizes(),
+                "record_rows: logits ", logit_t.sizes(), " and logprobs ", logprobs->sizes(), " for ", rows, " rows");
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(token[r] >= 0 && token[r] < vocab, "record_rows: token ", token[r], " outside the vocabulary of ", vocab);
+  }
+  if (want_logprobs) {  // pavlit/policy/sampling.py's token_logprobs, the same ATen calls (vectorized exp)
+    auto picked = at::log_softmax(logit_t.to(torch::kFloat32), -1).gather(1, token_t.unsqueeze(1));
+    logprobs->select(1, t).copy_(picked.squeeze(1));
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t tok = token[r];
-    TORCH_CHECK(tok >= 0 && tok < vocab, "record_rows: token ", tok, " outside the vocabulary of ", vocab);
     gen[r * width + t] = tok;
-    if (want_logprobs) {
-      const int64_t v = logit_t.size(1);
-      lp[r * width + t] = static_cast<float>(
-          logit_t.scalar_type() == torch::kFloat32
-              ? row_logprob(logit_t.data_ptr<float>() + r * v, v, tok)
-              : row_logprob(logit_t.data_ptr<at::BFloat16>() + r * v, v, tok));
-    }
     if (!live[r]) continue;
     length[r] += 1;
     if (eos[tok]) {
